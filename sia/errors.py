@@ -1,0 +1,25 @@
+"""One exception type for bad user input, so CLIs can print it as a single line."""
+
+
+class InputError(ValueError):
+    """Raised when a file, folder or argument given by the user is not what was expected.
+
+    The message always names the offending file or argument and says what was expected.
+    """
+
+
+def report_input_errors(command):
+    """Decorate a CLI command so an InputError prints as one line on stderr and exits with code 2."""
+    import functools
+
+    import typer
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as err:
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper

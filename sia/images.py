@@ -1,0 +1,139 @@
+"""Reading and converting images of any mode, bit depth and size into one convention.
+
+Convention used across `sia` and `realnet`: an image tensor is float32, shape (3, H, W), values in
+[0, 1]; a mask tensor is float32, shape (1, H, W), values in {0, 1}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
+
+
+def _array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Scale an integer or float array of any depth to uint8 without clipping surprises."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        peak = 65535 if array.max(initial=0) > 255 else 255
+        return np.clip(np.round(array.astype(np.float64) * (255.0 / peak)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{what}: image contains NaN or infinite values")
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+    raise InputError(f"{what}: unsupported pixel type {array.dtype}")
+
+
+def _pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
+    """Convert any PIL mode (16-bit, float, palette, alpha, CMYK) to 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = _array_to_uint8(np.asarray(image), what)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB; a missing, corrupt or truncated file is an InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _pil_to_rgb(image, str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: cannot read image ({err})") from None
+
+
+def to_pil_rgb(image: ImageLike) -> Image.Image:
+    """Any supported image object or path as an 8-bit RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image, "image")
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4):
+            array = array.permute(1, 2, 0)
+        image = array.numpy()
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim == 3 and array.shape[-1] == 4:
+            array = array[..., :3]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
+            raise InputError(f"image: expected an (H, W), (H, W, 3) or (3, H, W) array, got {image.shape}")
+        array = _array_to_uint8(array, "image")
+        return Image.fromarray(array).convert("RGB")
+    raise InputError(f"image: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """Float tensor (3, H, W) or (1, H, W) in [0, 1] -> 8-bit PIL image (rounded, not truncated)."""
+    array = image.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
+    if array.shape[0] == 1:
+        return Image.fromarray(array[0].numpy(), mode="L")
+    return Image.fromarray(array.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def load_image_tensor(image: ImageLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Any image -> float tensor (3, H, W) in [0, 1], optionally resized (bilinear, no crop) to (H, W)."""
+    pil = to_pil_rgb(image)
+    if size is not None and (pil.height, pil.width) != tuple(size):
+        pil = pil.resize((size[1], size[0]), Image.BILINEAR)
+    return pil_to_tensor(pil)
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Ground-truth mask file -> float tensor (1, H, W) in {0, 1}; any non-zero pixel is anomalous."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such mask file")
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            array = np.asarray(mask)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: cannot read mask ({err})") from None
+    if array.ndim == 3:
+        array = array.max(axis=-1)
+    binary = Image.fromarray((array > 0).astype(np.uint8) * 255, mode="L")
+    if size is not None and (binary.height, binary.width) != tuple(size):
+        binary = binary.resize((size[1], size[0]), Image.NEAREST)
+    return torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]
+
+
+def list_images(folder: str | Path, recursive: bool = True, what: str = "folder") -> list[Path]:
+    """Sorted image files in a folder; an InputError if the folder is missing or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{what} {folder}: no such folder")
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise InputError(f"{what} {folder}: no images found (expected {', '.join(IMAGE_EXTENSIONS)})")
+    return files

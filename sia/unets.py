@@ -1,0 +1,59 @@
+"""Class-conditional diffusion UNet presets for SDAS, expressed as diffusers `UNet2DModel` configs.
+
+`adm-256` is the official SDAS network (guided-diffusion ADM, the same layout as OpenAI's 256x256
+ImageNet model), so official and ImageNet checkpoints map onto it key for key. The small presets
+keep the same design (learned variance, scale-shift norm, resnet up/down, attention on the coarse
+levels) at a size a CPU can train.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DModel
+
+from .errors import InputError
+
+
+def _adm_config(sample_size: int, widths: tuple[int, ...], attention_levels: tuple[bool, ...],
+                layers_per_block: int, head_dim: int, norm_groups: int) -> dict[str, Any]:
+    down = tuple("AttnDownBlock2D" if attn else "ResnetDownsampleBlock2D" for attn in attention_levels)
+    up = tuple("AttnUpBlock2D" if attn else "ResnetUpsampleBlock2D" for attn in reversed(attention_levels))
+    return dict(
+        sample_size=sample_size, in_channels=3, out_channels=6, layers_per_block=layers_per_block,
+        block_out_channels=widths, down_block_types=down, up_block_types=up,
+        attention_head_dim=head_dim, resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet", upsample_type="resnet", norm_num_groups=norm_groups,
+        attn_norm_num_groups=norm_groups,
+    )
+
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # Official SDAS / guided-diffusion 256x256: width 256, mult 1,1,2,2,4,4, attention at 32/16/8 px.
+    "adm-256": _adm_config(256, (256, 256, 512, 512, 1024, 1024), (False,) * 3 + (True,) * 3, 2, 64, 32),
+    # 64 px: width 64, mult 1,2,2,2, attention at 16 and 8 px (about 10 M parameters).
+    "small-64": _adm_config(64, (64, 128, 128, 128), (False, False, True, True), 2, 32, 32),
+    # 32 px, for tests and the CPU demo: two levels, attention at 16 px.
+    "tiny-32": _adm_config(32, (32, 64), (False, True), 1, 32, 8),
+}
+
+
+def unet_config(preset: str, num_classes: int, sample_size: int | None = None) -> dict[str, Any]:
+    """The `UNet2DModel` keyword arguments of a preset, class-conditional on `num_classes` labels."""
+    if preset not in UNET_PRESETS:
+        raise InputError(f"unknown UNet preset {preset!r}; known: {', '.join(UNET_PRESETS)}")
+    if num_classes < 1:
+        raise InputError(f"num_classes must be at least 1, got {num_classes}")
+    config = dict(UNET_PRESETS[preset])
+    config["num_class_embeds"] = num_classes
+    if sample_size is not None:
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        if sample_size % factor:
+            raise InputError(f"image size {sample_size} must be a multiple of {factor} for preset {preset!r}")
+        config["sample_size"] = sample_size
+    return config
+
+
+def build_unet(preset: str, num_classes: int, sample_size: int | None = None) -> UNet2DModel:
+    """A freshly initialised class-conditional UNet from a preset."""
+    return UNet2DModel(**unet_config(preset, num_classes, sample_size))
