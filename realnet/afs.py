@@ -1,0 +1,132 @@
+"""AFS, anomaly-aware feature selection (RealNet §3.2, official `init_idxs`).
+
+A channel is worth reconstructing if its residual between anomalous and clean features looks like
+the anomaly mask. For every channel the score is the mean squared difference between the
+min-max-normalised squared residual and the mask (nearest-downsampled to the feature size),
+accumulated over many batches of synthetic anomalies; the channels with the *lowest* loss are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sia.errors import InputError
+
+DEFAULT_AFS_BATCHES = 64
+MINMAX_EPS = 1e-4
+
+FeatureFn = Callable[[torch.Tensor], Sequence[torch.Tensor]]
+
+
+def unpack_afs_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accept `(images, clean_images, masks)` tuples or dicts with `image`, `clean_image`, `mask`."""
+    if isinstance(batch, dict):
+        try:
+            return batch["image"], batch["clean_image"], batch["mask"]
+        except KeyError as err:
+            raise InputError(f"AFS batch: dict batches need keys 'image', 'clean_image', 'mask' (missing {err})") from None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        return batch[0], batch[1], batch[2]
+    raise InputError("AFS batch: expected (anomalous images, clean images, masks) or a dict with those keys")
+
+
+def channel_losses(anomalous: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-channel AFS loss of one batch for one layer: (B,C,h,w) features, (B,1,H,W) mask -> (C,)."""
+    b, c, h, w = anomalous.shape
+    residual = (anomalous.float() - clean.float()).pow(2).transpose(0, 1).reshape(c, b * h * w)
+    low = residual.min(dim=1, keepdim=True).values
+    high = residual.max(dim=1, keepdim=True).values
+    normalised = (residual - low) / (high - low + MINMAX_EPS)
+    label = F.interpolate(mask.float(), size=(h, w), mode="nearest").transpose(0, 1).reshape(1, b * h * w)
+    return (normalised - label).pow(2).mean(dim=1)
+
+
+def _cycle(batches: Iterable[Any], limit: int):
+    """Yield `limit` batches, starting over when a re-iterable source runs out (as the official loop)."""
+    produced = 0
+    while produced < limit:
+        started = produced
+        for batch in batches:
+            yield batch
+            produced += 1
+            if produced >= limit:
+                return
+        if produced == started or iter(batches) is batches:
+            return
+
+
+@torch.no_grad()
+def accumulate_channel_losses(
+    batches: Iterable[Any],
+    feature_fn: FeatureFn,
+    num_batches: int = DEFAULT_AFS_BATCHES,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """Sum the per-channel AFS losses of every layer over `num_batches` batches.
+
+    `feature_fn` maps images (B,3,H,W) in [0,1] to the list of full backbone feature maps. All layers
+    share the same batches (the official code draws fresh anomalies per layer group; the expected
+    loss is the same).
+    """
+    if num_batches < 1:
+        raise InputError(f"num_batches: expected a positive number of AFS batches, got {num_batches}")
+    totals: list[torch.Tensor] | None = None
+    for batch in tqdm(_cycle(batches, num_batches), total=num_batches, desc="AFS", disable=not progress):
+        images, clean_images, masks = unpack_afs_batch(batch)
+        anomalous_feats = feature_fn(images)
+        clean_feats = feature_fn(clean_images)
+        masks = masks.to(anomalous_feats[0].device)
+        losses = [channel_losses(a, n, masks) for a, n in zip(anomalous_feats, clean_feats)]
+        totals = losses if totals is None else [t + l for t, l in zip(totals, losses)]
+    if totals is None:
+        raise InputError("AFS batches: the iterable yielded no batches")
+    return totals
+
+
+def select_lowest(losses: torch.Tensor, k: int, what: str = "afs_channels") -> torch.Tensor:
+    """Indices of the k lowest-loss channels, sorted ascending by channel index; NaN counts as worst."""
+    if k > losses.numel() or k < 1:
+        raise InputError(f"{what}: cannot keep {k} channels of a layer with {losses.numel()} channels")
+    losses = losses.clone()
+    nan = torch.isnan(losses)
+    if nan.any():
+        finite = losses[~nan]
+        losses[nan] = finite.max() if finite.numel() else 0.0
+    return torch.topk(losses, k, largest=False).indices.sort().values
+
+
+def select_channels(losses: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Apply `select_lowest` per layer."""
+    return [select_lowest(l, k, what=f"afs_channels[{i}]") for i, (l, k) in enumerate(zip(losses, sizes))]
+
+
+class FeatureSelector(torch.nn.Module):
+    """Holds the AFS channel indices per level as buffers (saved with the model)."""
+
+    def __init__(self, channels: Sequence[int], sizes: Sequence[int]) -> None:
+        super().__init__()
+        if len(sizes) != len(channels):
+            raise InputError(f"afs_channels: expected {len(channels)} sizes (one per layer), got {list(sizes)}")
+        for i, (c, k) in enumerate(zip(channels, sizes)):
+            if not 1 <= int(k) <= c:
+                raise InputError(f"afs_channels[{i}]: {k} channels requested but the layer has only {c}")
+            # Until AFS has run, the first k channels stand in (all of them when k == C).
+            self.register_buffer(f"indices_{i}", torch.arange(int(k)))
+        self.sizes = [int(k) for k in sizes]
+        self.register_buffer("ready", torch.tensor(False))
+
+    def indices(self) -> list[torch.Tensor]:
+        return [getattr(self, f"indices_{i}") for i in range(len(self.sizes))]
+
+    def set_indices(self, indices: Sequence[torch.Tensor]) -> None:
+        for i, idx in enumerate(indices):
+            getattr(self, f"indices_{i}").copy_(idx)
+        self.ready.fill_(True)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.index_select(f, 1, idx) for f, idx in zip(features, self.indices())]

@@ -1,0 +1,163 @@
+"""Reconstruction U-Nets (RealNet architecture A, official `ReconstructionLayer`).
+
+One U-Net per feature level maps features of a possibly anomalous image to the features of its
+normal counterpart. Layout as the official network (GroupNorm, single-conv ResBlocks, attention at
+downsample factors 2 and 4 and in the middle, zero-initialised output so the reconstruction starts
+at exactly 0), but it accepts any channel count and any spatial size:
+- GroupNorm uses the largest divisor of the channel count that is <= 32 (32 whenever the official
+  network would work at all), attention heads the largest divisor of the width that is <= width/64;
+- inputs whose sides are not multiples of 2**(levels-1) are replicate-padded and the output cropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """Largest divisor of `channels` that is at most `max_groups`."""
+    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+
+
+def head_count(channels: int, head_width: int = 64) -> int:
+    """Official rule heads = channels / 64, made valid for any width (at least 1, divides channels)."""
+    wanted = max(1, channels // head_width)
+    return next(h for h in range(wanted, 0, -1) if channels % h == 0)
+
+
+class GroupNormFloat(nn.GroupNorm):
+    """GroupNorm computed in float32 (as the official GroupNorm32), so mixed precision is safe."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNormFloat:
+    return GroupNormFloat(group_count(channels), channels)
+
+
+class ResBlock(nn.Module):
+    """Single-conv residual block: `skip(x) + conv3x3(SiLU(GN(x)))`, optionally resampling by 2."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, down: bool = False, up: bool = False) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        self.down, self.up = down, up
+        self.norm = normalization(channels)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        if up:
+            self.h_upsample = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+            self.x_upsample = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
+        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(x))
+        if self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        elif self.up:
+            h, x = self.h_upsample(h), self.x_upsample(x)
+        return self.skip(x) + self.conv(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all positions with the legacy per-head q|k|v channel layout."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.heads = head_count(channels)
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.reshape(b, c, h * w)
+        qkv = self.qkv(self.norm(tokens))
+        head_width = c // self.heads
+        q, k, v = qkv.reshape(b * self.heads, 3 * head_width, h * w).split(head_width, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(b, c, h * w)
+        return (tokens + self.proj_out(out)).reshape(b, c, h, w)
+
+
+class _Stage(nn.Sequential):
+    """A ResBlock optionally followed by attention and/or an upsampling ResBlock."""
+
+
+class ReconstructionUNet(nn.Module):
+    """Feature-to-feature U-Net of the official architecture A for C input (= output) channels."""
+
+    def __init__(
+        self,
+        channels: int,
+        width_ratio: float = 0.5,
+        channel_mult: Sequence[int] = (1, 2, 4),
+        num_res_blocks: int = 2,
+        attention_mult: Sequence[int] = (2, 4),
+    ) -> None:
+        super().__init__()
+        base = max(1, int(width_ratio * channels))
+        self.channels = channels
+        self.factor = 2 ** (len(channel_mult) - 1)
+        self.input_blocks = nn.ModuleList([nn.Conv2d(channels, base, 3, padding=1)])
+        skip_channels = [base]
+        ch, ds = base, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, mult * base)]
+                ch = mult * base
+                if ds in attention_mult:
+                    layers.append(AttentionBlock(ch))
+                self.input_blocks.append(_Stage(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(_Stage(ResBlock(ch, down=True)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = nn.Sequential(ResBlock(ch), AttentionBlock(ch), ResBlock(ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * base)]
+                ch = mult * base
+                if ds in attention_mult:
+                    layers.append(AttentionBlock(ch))
+                if level and i == num_res_blocks:
+                    layers.append(ResBlock(ch, up=True))
+                    ds //= 2
+                self.output_blocks.append(_Stage(*layers))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = (-height) % self.factor, (-width) % self.factor
+        h = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h)
+            skips.append(h)
+        h = self.middle_block(h)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1))
+        return self.out(h)[..., :height, :width]
+
+
+class ReconstructionNetworks(nn.Module):
+    """One independent U-Net per level; returns reconstructions and squared residuals."""
+
+    def __init__(self, channels: Sequence[int], width_ratio: float = 0.5, **unet_kwargs) -> None:
+        super().__init__()
+        self.unets = nn.ModuleList(ReconstructionUNet(c, width_ratio, **unet_kwargs) for c in channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        reconstructions = [unet(f) for unet, f in zip(self.unets, features)]
+        residuals = [(f - r).pow(2) for f, r in zip(features, reconstructions)]
+        return reconstructions, residuals
