@@ -1,0 +1,389 @@
+"""Readers for anomaly-detection benchmarks and plain folders, all yielding the same item dicts.
+
+An item is ``{"image": (3,H,W) float in [0,1], "mask": (1,H,W) float in {0,1}, "label": 0|1,
+"path": str, "category": str, "defect_type": str}``. Images are resized bilinearly and masks with
+nearest neighbour to ``image_size`` without cropping (the official code also evaluates at 256x256
+without a centre crop); masks are binarised with ``> 0`` (VisA masks hold class ids, KolektorSDD
+masks hold 255 and sometimes other non-zero values). A mask whose size differs from its image's is
+simply resized to ``image_size`` like the image.
+
+Supported layouts (``dataset=``):
+
+* ``mvtec-ad`` / ``mpdd``: ``<root>/<cat>/{train,test}/<type>/*.png``, masks
+  ``<root>/<cat>/ground_truth/<type>/<stem>_mask.png`` or ``<stem>.png``.
+* ``btad``: ``<root>/NN/{train,test}/{ok,ko}/*``, masks ``<root>/NN/ground_truth/ko/<stem>.png``.
+* ``visa``: the official ``<root>/split_csv/1cls.csv`` (columns object, split, label, image, mask;
+  paths relative to ``root``) or the 1-class folder layout ``<cat>/{train,test}/{good|ok,bad|ko}``
+  with ``<cat>/ground_truth/...``.
+* ``folder``: a folder with ``train/`` and ``test/`` laid out like MVTec AD, or a flat folder with
+  ``good/`` plus defect subfolders and optional ``masks/`` or ``ground_truth/`` (matching stems);
+  a flat folder has no split, so its normal images are split by ``seed`` (see
+  :func:`split_normal_records`).
+* ``kolektorsdd``: ``<root>/kosNN/PartK.jpg`` + ``PartK_label.png|bmp``; the label comes from the
+  mask being non-empty; defect-free parts are split by ``seed``, every defective part goes to test.
+
+``category`` may be one name, a list of names or ``"all"`` (unified multi-class training: every item
+carries its ``category``). ``category=None`` with a ``root`` that itself holds ``train/``/``test/``
+reads that folder as one category.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from sia.categories import resolve_dataset
+from sia.errors import InputError
+from sia.images import IMAGE_EXTENSIONS, load_image, load_mask, pil_to_tensor
+
+__all__ = [
+    "SampleRecord",
+    "AnomalyDataset",
+    "load_split",
+    "available_categories",
+    "split_normal_records",
+    "NORMAL_FOLDER_NAMES",
+]
+
+NORMAL_FOLDER_NAMES = ("good", "ok", "normal")
+MASK_FOLDER_NAMES = ("ground_truth", "masks")
+SPLITS = ("train", "test")
+EXTRA_DATASETS = {
+    "folder": "folder", "generic": "folder", "custom": "folder",
+    "kolektorsdd": "kolektorsdd", "kolektor": "kolektorsdd", "ksdd": "kolektorsdd", "kolektorsdd1": "kolektorsdd",
+}
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """Where one sample lives on disk and what it is; the image is read only when the item is used."""
+
+    image_path: Path
+    label: int
+    mask_path: Path | None
+    category: str
+    defect_type: str
+
+
+def _normalise_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        size = (image_size, image_size)
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise InputError(f"image_size: expected an int or (height, width) of positive ints, got {image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+class AnomalyDataset(Dataset):
+    """A torch Dataset over :class:`SampleRecord` s; returns dict items (see module docstring).
+
+    A defective image without a mask is an InputError naming the file, unless
+    ``allow_missing_masks=True``, in which case its mask is all ones (the official code's fallback).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[SampleRecord],
+        image_size: int | Sequence[int] | None = 256,
+        allow_missing_masks: bool = False,
+    ) -> None:
+        self.records = list(records)
+        self.image_size = _normalise_size(image_size)
+        self.allow_missing_masks = allow_missing_masks
+        if not allow_missing_masks:
+            for record in self.records:
+                if record.label == 1 and record.mask_path is None:
+                    raise InputError(
+                        f"{record.image_path}: defective image has no ground-truth mask "
+                        "(add one, or pass allow_missing_masks=True to use an all-ones mask)"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    @property
+    def categories(self) -> list[str]:
+        """Distinct categories, in order of first appearance."""
+        return list(dict.fromkeys(r.category for r in self.records))
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        pil = load_image(record.image_path)
+        size = self.image_size or (pil.height, pil.width)
+        if (pil.height, pil.width) != size:
+            pil = pil.resize((size[1], size[0]), Image.BILINEAR)
+        image = pil_to_tensor(pil)
+        if record.mask_path is not None:
+            mask = load_mask(record.mask_path, size)
+            if record.label == 0:
+                mask.zero_()  # a normal image has no anomalous pixel, whatever a stray mask file says
+        elif record.label == 1:
+            mask = torch.ones(1, *size)
+        else:
+            mask = torch.zeros(1, *size)
+        return {
+            "image": image,
+            "mask": mask,
+            "label": record.label,
+            "path": str(record.image_path),
+            "category": record.category,
+            "defect_type": record.defect_type,
+        }
+
+    def __repr__(self) -> str:
+        normal = sum(1 for r in self.records if r.label == 0)
+        return (
+            f"AnomalyDataset({len(self)} images: {normal} normal, {len(self) - normal} defective; "
+            f"categories={self.categories}, image_size={self.image_size})"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _mask_index(folder: Path) -> dict[str, Path]:
+    """stem -> mask file for every image file in a folder (empty if the folder does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in _image_files(folder)}
+
+
+def _match_mask(index: dict[str, Path], stem: str) -> Path | None:
+    """``<stem>_mask.*`` (MVTec AD) or ``<stem>.*`` (BTAD, VisA, many custom sets)."""
+    return index.get(f"{stem}_mask") or index.get(stem) or index.get(f"{stem}_label")
+
+
+def _is_normal_folder(name: str) -> bool:
+    return name.lower() in NORMAL_FOLDER_NAMES
+
+
+def _looks_like_category(folder: Path) -> bool:
+    return any((folder / split).is_dir() for split in SPLITS)
+
+
+def available_categories(root: str | Path, dataset: str = "mvtec-ad") -> list[str]:
+    """Category names found under ``root`` for a dataset layout (for error messages and CLIs)."""
+    root = Path(root)
+    name = _resolve_dataset_name(dataset)
+    if not root.is_dir():
+        return []
+    if name == "visa" and (root / "split_csv" / "1cls.csv").is_file():
+        with open(root / "split_csv" / "1cls.csv", newline="") as handle:
+            return sorted({row.get("object", "") for row in csv.DictReader(handle)} - {""})
+    if name == "kolektorsdd":
+        return ["kolektorsdd"]
+    return [p.name for p in _subfolders(root) if _looks_like_category(p)]
+
+
+def _resolve_dataset_name(dataset: str) -> str:
+    key = dataset.strip().lower()
+    if key in EXTRA_DATASETS:
+        return EXTRA_DATASETS[key]
+    try:
+        return resolve_dataset(dataset)
+    except InputError:
+        raise InputError(
+            f"unknown dataset {dataset!r}; known: mvtec-ad, visa, mpdd, btad, folder, kolektorsdd"
+        ) from None
+
+
+def _category_folder(root: Path, category: str | None, dataset: str) -> tuple[Path, str]:
+    if category is None:
+        if _looks_like_category(root):
+            return root, root.name
+        found = available_categories(root, dataset)
+        raise InputError(f"{root}: no train/ or test/ folder; pass a category (available: {', '.join(found) or 'none'})")
+    folder = root / category
+    if not folder.is_dir():
+        found = available_categories(root, dataset)
+        raise InputError(f"{folder}: no such category folder (available in {root}: {', '.join(found) or 'none'})")
+    return folder, category
+
+
+def split_normal_records(
+    records: Iterable[SampleRecord], split: str, seed: int = 0, normal_test_fraction: float = 0.2
+) -> list[SampleRecord]:
+    """Deterministic train/test split for data without an official one.
+
+    Normal records are shuffled with ``seed`` and ``round(normal_test_fraction * n)`` of them go to
+    test (at least one stays in train); every defective record goes to test. The order of the input
+    does not matter (records are sorted by path first).
+    """
+    if not 0.0 <= normal_test_fraction < 1.0:
+        raise InputError(f"normal_test_fraction: expected a value in [0, 1), got {normal_test_fraction}")
+    records = sorted(records, key=lambda r: str(r.image_path))
+    normal = [r for r in records if r.label == 0]
+    defective = [r for r in records if r.label == 1]
+    order = np.random.default_rng(seed).permutation(len(normal))
+    num_test = min(int(round(normal_test_fraction * len(normal))), max(len(normal) - 1, 0))
+    test_ids = set(order[:num_test].tolist())
+    if split == "train":
+        return [r for i, r in enumerate(normal) if i not in test_ids]
+    return [r for i, r in enumerate(normal) if i in test_ids] + defective
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+
+
+def _class_folder_records(category_dir: Path, category: str, split: str) -> list[SampleRecord]:
+    """MVTec AD / MPDD / BTAD / VisA-1cls layout: ``<cat>/<split>/<type>/*``, ``<cat>/ground_truth/<type>/*``."""
+    split_dir = category_dir / split
+    if not split_dir.is_dir():
+        found = [s for s in SPLITS if (category_dir / s).is_dir()]
+        raise InputError(f"{split_dir}: no such split folder (found: {', '.join(found) or 'none'})")
+    records = []
+    for type_dir in _subfolders(split_dir):
+        label = 0 if _is_normal_folder(type_dir.name) else 1
+        masks = _mask_index(category_dir / "ground_truth" / type_dir.name) if label else {}
+        for image_path in _image_files(type_dir):
+            mask = _match_mask(masks, image_path.stem) if label else None
+            records.append(SampleRecord(image_path, label, mask, category, type_dir.name))
+    return records
+
+
+def _visa_csv_records(root: Path, category: str, split: str) -> list[SampleRecord]:
+    """The official VisA split file ``split_csv/1cls.csv``: object, split, label, image, mask."""
+    csv_path = root / "split_csv" / "1cls.csv"
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"object", "split", "label", "image"} - set(reader.fieldnames or [])
+        if missing:
+            raise InputError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}")
+        rows = list(reader)
+    objects = sorted({row["object"] for row in rows})
+    if category not in objects:
+        raise InputError(f"{csv_path}: no category {category!r} (available: {', '.join(objects)})")
+    records = []
+    for row in rows:
+        if row["object"] != category or row["split"].strip().lower() != split:
+            continue
+        label = 0 if row["label"].strip().lower() in ("normal", "good", "ok", "0") else 1
+        mask_text = (row.get("mask") or "").strip()
+        mask = root / mask_text if label and mask_text else None
+        if mask is not None and not mask.is_file():
+            raise InputError(f"{mask}: mask listed in {csv_path} does not exist")
+        records.append(SampleRecord(root / row["image"].strip(), label, mask, category, "anomaly" if label else "normal"))
+    return records
+
+
+def _flat_folder_records(root: Path) -> list[SampleRecord]:
+    """``good/`` + defect subfolders, masks in ``masks/`` or ``ground_truth/`` (optionally per type)."""
+    if not (root / "good").is_dir() and not any(_is_normal_folder(p.name) for p in _subfolders(root)):
+        raise InputError(f"{root}: expected train/ and test/ folders, or a good/ folder of normal images")
+    records = []
+    for type_dir in _subfolders(root):
+        if type_dir.name in MASK_FOLDER_NAMES:
+            continue
+        label = 0 if _is_normal_folder(type_dir.name) else 1
+        masks: dict[str, Path] = {}
+        if label:
+            for mask_root in MASK_FOLDER_NAMES:  # a per-type subfolder wins over loose files
+                masks.update(_mask_index(root / mask_root))
+                masks.update(_mask_index(root / mask_root / type_dir.name))
+        for image_path in _image_files(type_dir):
+            mask = _match_mask(masks, image_path.stem) if label else None
+            records.append(SampleRecord(image_path, label, mask, root.name, type_dir.name))
+    return records
+
+
+def _kolektor_records(root: Path) -> list[SampleRecord]:
+    """KolektorSDD: ``kosNN/PartK.jpg`` with ``PartK_label.png|bmp``; defective iff the mask is non-empty."""
+    records = []
+    for part_dir in _subfolders(root):
+        files = _image_files(part_dir)
+        labels = {p.stem[: -len("_label")]: p for p in files if p.stem.endswith("_label")}
+        for image_path in files:
+            if image_path.stem.endswith("_label"):
+                continue
+            mask = labels.get(image_path.stem)
+            if mask is None:
+                raise InputError(f"{image_path}: no label image {image_path.stem}_label.* next to it")
+            defective = bool(load_mask(mask).any())
+            records.append(SampleRecord(image_path, int(defective), mask if defective else None, "kolektorsdd", part_dir.name))
+    if not records:
+        raise InputError(f"{root}: no kosNN/PartK.jpg images found (KolektorSDD layout)")
+    return records
+
+
+def _category_records(root: Path, dataset: str, category: str | None, split: str, seed: int, fraction: float) -> list[SampleRecord]:
+    if dataset == "kolektorsdd":
+        return split_normal_records(_kolektor_records(root), split, seed, fraction)
+    if dataset == "visa" and (root / "split_csv" / "1cls.csv").is_file():
+        if category is None:
+            raise InputError(f"{root}: pass a VisA category (available: {', '.join(available_categories(root, 'visa'))})")
+        return _visa_csv_records(root, category, split)
+    if dataset == "folder":
+        if category is not None and (root / category).is_dir():
+            root = root / category
+        elif category is not None and not _looks_like_category(root):
+            found = available_categories(root, dataset)
+            raise InputError(f"{root / category}: no such category folder (available in {root}: {', '.join(found) or 'none'})")
+        if _looks_like_category(root):
+            return _class_folder_records(root, category or root.name, split)
+        return split_normal_records(_flat_folder_records(root), split, seed, fraction)
+    category_dir, name = _category_folder(root, category, dataset)
+    return _class_folder_records(category_dir, name, split)
+
+
+def load_split(
+    root: str | Path,
+    dataset: str = "mvtec-ad",
+    category: str | Sequence[str] | None = None,
+    split: str = "train",
+    image_size: int | Sequence[int] | None = 256,
+    allow_missing_masks: bool = False,
+    seed: int = 0,
+    normal_test_fraction: float = 0.2,
+) -> AnomalyDataset:
+    """Read one split of a dataset (see the module docstring for layouts) as an :class:`AnomalyDataset`.
+
+    ``seed`` and ``normal_test_fraction`` only matter for layouts without an official split
+    (flat folders, KolektorSDD). ``image_size`` is an int, ``(height, width)`` or ``None`` (keep
+    each image's own size; batches then need equal sizes).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"{root}: no such dataset folder")
+    split = split.strip().lower()
+    if split not in SPLITS:
+        raise InputError(f"split: expected 'train' or 'test', got {split!r}")
+    name = _resolve_dataset_name(dataset)
+    if isinstance(category, str) and category.lower() == "all":
+        category = available_categories(root, name)
+        if not category:
+            raise InputError(f"{root}: no categories found for dataset {name}")
+    categories: list[str | None] = [category] if category is None or isinstance(category, str) else list(category)
+    records: list[SampleRecord] = []
+    for cat in categories:
+        records.extend(_category_records(root, name, cat, split, seed, normal_test_fraction))
+    if not records:
+        where = root if len(categories) != 1 or categories[0] is None else root / str(categories[0])
+        raise InputError(f"{where}: the {split} split holds no images")
+    return AnomalyDataset(records, image_size=image_size, allow_missing_masks=allow_missing_masks)
