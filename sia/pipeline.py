@@ -1,0 +1,224 @@
+"""`SDASPipeline`: class-conditional SDAS sampling as a diffusers pipeline.
+
+A class-conditional `UNet2DModel` (6 output channels: ε and the variance interpolation v) and an SDAS
+scheduler (`SDASScheduler`, the official 20-step ancestral sampler, or `SDASDDIMScheduler`) turn pure
+noise into images of a category; the anomaly strength `s` widens every sampling step's variance to
+``(1 + s) * Sigma_theta`` so the images drift away from normal in realistic ways. ``s = 0`` gives
+normal images.
+
+The category names (list index = class id of the UNet) live in the pipeline config
+(``model_index.json``), so ``SDASPipeline.from_pretrained(dir_or_hub_id)`` restores everything.
+Swap the sampler the diffusers way:
+``pipe.scheduler = SDASDDIMScheduler.from_config(pipe.scheduler.config)`` or `use_sampler("ddim")`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel  # noqa: F401
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import InputError
+from .scheduler import SDASScheduler, make_scheduler
+from .unets import build_unet
+
+__all__ = ["SDASPipeline", "SDASPipelineOutput"]
+
+GeneratorLike = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class SDASPipelineOutput(BaseOutput):
+    """Images and the anomaly strength each one was sampled with.
+
+    images: list of PIL images, a (B, H, W, 3) float numpy array in [0, 1], or a (B, 3, H, W) float
+    tensor in [0, 1], depending on ``output_type``. strengths: one float per image.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    strengths: list[float]
+
+
+def _draw_uniform(count: int, generator: GeneratorLike) -> torch.Tensor:
+    """`count` U(0, 1) numbers: from one generator, or one from each generator of a list (per-image)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=g.device).cpu() for g in generator])
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(count, generator=generator, device=device).cpu()
+
+
+class SDASPipeline(DiffusionPipeline):
+    """Strength-controllable Diffusion Anomaly Synthesis (RealNet's SDAS) for any category of the model.
+
+    Args:
+        unet: class-conditional `UNet2DModel` with ``out_channels = 2 * in_channels`` (ε and v).
+        scheduler: `SDASScheduler` (default sampler) or `SDASDDIMScheduler`.
+        categories: category names; the index of a name is its class id in the UNet.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, categories: list[str] | None = None):
+        super().__init__()
+        num_classes = getattr(unet.config, "num_class_embeds", None)
+        if categories is None:
+            categories = [str(i) for i in range(num_classes or 1)]
+        categories = [str(c) for c in categories]
+        if len(set(categories)) != len(categories):
+            raise InputError(f"categories must be unique, got {categories}")
+        if num_classes is not None and num_classes < len(categories):
+            raise InputError(f"the UNet has {num_classes} class embeddings but {len(categories)} categories were given")
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(categories=categories)
+
+    @classmethod
+    def from_unet_preset(cls, preset: str, categories: Sequence[str], sample_size: int | None = None,
+                         sampler: str = "ddpm") -> "SDASPipeline":
+        """A freshly initialised pipeline (untrained UNet from `sia.unets` presets) for training or tests."""
+        categories = list(categories)
+        if not categories:
+            raise InputError("categories must name at least one category")
+        unet = build_unet(preset, num_classes=len(categories), sample_size=sample_size)
+        return cls(unet=unet, scheduler=make_scheduler(sampler), categories=categories)
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.config.categories)
+
+    def use_sampler(self, sampler: str) -> "SDASPipeline":
+        """Switch to the "ddpm" (official) or "ddim" SDAS sampler, keeping the noise schedule."""
+        self.scheduler = make_scheduler(sampler, self.scheduler.config)
+        return self
+
+    def category_id(self, name: str | int) -> int:
+        """Class id of a category name (``"bottle"`` or ``"mvtec-ad/bottle"``); InputError lists known ones."""
+        categories = self.categories
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+            if 0 <= int(name) < len(categories):
+                return int(name)
+        else:
+            text = str(name).strip()
+            for candidate in (text, text.split("/", 1)[-1]):
+                if candidate in categories:
+                    return categories.index(candidate)
+        raise InputError(f"unknown category {name!r}; this model knows: {', '.join(categories)}")
+
+    def _strengths(self, strength, count: int, generator: GeneratorLike) -> torch.Tensor:
+        if isinstance(strength, torch.Tensor):
+            strength = strength.tolist()
+        if isinstance(strength, (int, float)):
+            low = high = float(strength)
+        elif isinstance(strength, Sequence) and len(strength) == 2:
+            low, high = float(strength[0]), float(strength[1])
+        else:
+            raise InputError(f"strength must be a number or a (min, max) pair, got {strength!r}")
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high < low:
+            raise InputError(f"strength must satisfy 0 <= min <= max, got {strength!r}")
+        if low == high:
+            return torch.full((count,), low, dtype=torch.float32)
+        return (low + (high - low) * _draw_uniform(count, generator).double()).float()
+
+    def _class_ids(self, category, num_images: int | None) -> list[int]:
+        if isinstance(category, (str, int)):
+            count = 1 if num_images is None else num_images
+            return [self.category_id(category)] * count
+        names = list(category)
+        if num_images is not None and num_images != len(names):
+            if len(names) != 1:
+                raise InputError(f"category lists {len(names)} names but num_images is {num_images}")
+            names = names * num_images
+        return [self.category_id(n) for n in names]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        category: str | int | Sequence[str | int],
+        num_images: int | None = None,
+        strength: float | tuple[float, float] = 0.15,
+        num_inference_steps: int = 20,
+        generator: GeneratorLike = None,
+        latents: torch.Tensor | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> SDASPipelineOutput | tuple:
+        """Sample anomalous (``strength > 0``) or normal (``strength = 0``) images.
+
+        Args:
+            category: a category name for all images, or one name per image.
+            num_images: number of images (default 1, or the length of the category list).
+            strength: fixed s, or ``(min, max)``: s ~ U(min, max) drawn per image (the official code
+                draws one s per batch of 16). Official default range: (0.1, 0.2).
+            num_inference_steps: respaced steps (20 = the official ``ddim20`` timesteps 950, 900, ..., 0).
+            generator: one generator (images then depend on batching) or one per image (each image is
+                then reproducible on its own: latents, its strength, and its step noise come from it).
+            latents: optional (N, 3, H, W) starting noise x_T (e.g. to compare strengths from the same x_T).
+            batch_size: images per UNet call (default: all at once).
+            output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]) or "pt" ((N, 3, H, W) float in [0, 1]).
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise InputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        class_ids = self._class_ids(category, num_images)
+        total = len(class_ids)
+        if total < 1:
+            raise InputError("num_images must be at least 1")
+        if isinstance(generator, list) and len(generator) != total:
+            raise InputError(f"got {len(generator)} generators for {total} images; pass one per image or a single one")
+        channels = self.unet.config.in_channels
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (total, channels, *size)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        batch_size = total if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        if num_inference_steps < 1:
+            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+
+        accepts_strength = "anomaly_strength" in inspect.signature(self.scheduler.step).parameters
+        device, unet_dtype = self._execution_device, self.unet.dtype
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+
+        starts = list(range(0, total, batch_size))
+        images, strengths = [], []
+        with self.progress_bar(total=len(starts) * len(timesteps)) as progress:
+            for start in starts:
+                stop = min(start + batch_size, total)
+                gen = generator[start:stop] if isinstance(generator, list) else generator
+                if latents is None:
+                    x = randn_tensor((stop - start, *shape[1:]), generator=gen, device=device, dtype=torch.float32)
+                else:
+                    x = latents[start:stop].to(device=device, dtype=torch.float32)
+                s = self._strengths(strength, stop - start, gen)
+                if not accepts_strength and bool((s > 0).any()):
+                    raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
+                                     "use SDASScheduler or SDASDDIMScheduler")
+                labels = torch.tensor(class_ids[start:stop], device=device, dtype=torch.long)
+                step_kwargs = {"anomaly_strength": s.to(device)} if accepts_strength else {}
+                for t in timesteps:
+                    model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
+                    x = self.scheduler.step(model_output.float(), t, x, generator=gen, **step_kwargs).prev_sample
+                    progress.update()
+                images.append((x / 2 + 0.5).clamp(0, 1))
+                strengths.extend(s.tolist())
+
+        result = torch.cat(images)
+        if output_type == "pt":
+            output = result
+        else:
+            output = result.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                output = self.numpy_to_pil(output)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (output, strengths)
+        return SDASPipelineOutput(images=output, strengths=strengths)

@@ -1,0 +1,134 @@
+"""SDAS schedulers: s = 0 is the stock diffusers step, s > 0 scales exactly the noise term."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from sia.errors import InputError
+from sia.scheduler import SDASDDIMScheduler, SDASScheduler, make_scheduler
+
+
+def _model_output(seed: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 3, 8, 8, generator=g)
+    model_output = torch.cat([torch.randn(batch, 3, 8, 8, generator=g),
+                              torch.rand(batch, 3, 8, 8, generator=g) * 2.4 - 1.2], dim=1)
+    return sample, model_output
+
+
+def test_twenty_steps_are_the_official_ddim20_timesteps():
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps.tolist() == list(range(950, -1, -50))
+    assert scheduler.config.variance_type == "learned_range"
+
+
+@pytest.mark.parametrize("strength", [0.0, torch.zeros(3)])
+def test_zero_strength_equals_stock_ddpm_bit_for_bit(strength):
+    sdas, stock = SDASScheduler(), DDPMScheduler(variance_type="learned_range")
+    sdas.set_timesteps(20)
+    stock.set_timesteps(20)
+    sample, model_output = _model_output(0)
+    x_sdas, x_stock = sample.clone(), sample.clone()
+    g_sdas, g_stock = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for t in sdas.timesteps:
+        x_sdas = sdas.step(model_output, t, x_sdas, generator=g_sdas, anomaly_strength=strength).prev_sample
+        x_stock = stock.step(model_output, t, x_stock, generator=g_stock).prev_sample
+        assert torch.equal(x_sdas, x_stock)
+
+
+def test_strength_scales_exactly_the_learned_noise_term():
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(20)
+    sample, model_output = _model_output(1)
+    strength = torch.tensor([0.0, 0.1, 0.7])
+    for t in scheduler.timesteps[:-1]:
+        x0 = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(3)).prev_sample
+        xs = scheduler.step(model_output, t, sample, generator=torch.Generator().manual_seed(3),
+                            anomaly_strength=strength).prev_sample
+        z = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3))
+        sigma = torch.exp(0.5 * scheduler.log_variance(t, model_output[:, 3:]))
+        expected = (torch.sqrt(1 + strength) - 1).view(-1, 1, 1, 1) * sigma * z
+        torch.testing.assert_close(xs - x0, expected, atol=1e-6, rtol=1e-5)
+        assert torch.equal(xs[0], x0[0])
+        assert (xs[2] - x0[2]).abs().mean() > (xs[1] - x0[1]).abs().mean() > 0
+
+
+def test_last_step_adds_no_noise_whatever_the_strength():
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(20)
+    sample, model_output = _model_output(2)
+    a = scheduler.step(model_output, 0, sample, anomaly_strength=0.0).prev_sample
+    b = scheduler.step(model_output, 0, sample, anomaly_strength=5.0).prev_sample
+    assert torch.equal(a, b)
+
+
+def test_log_variance_per_sample_timesteps_match_scalar_calls():
+    scheduler = SDASScheduler()
+    _, model_output = _model_output(3)
+    v = model_output[:, 3:]
+    for respaced in (False, True):
+        if respaced:
+            scheduler.set_timesteps(20)
+        ts = torch.tensor([950, 50, 0]) if respaced else torch.tensor([999, 10, 0])
+        batched = scheduler.log_variance(ts, v)
+        for i, t in enumerate(ts.tolist()):
+            torch.testing.assert_close(batched[i], scheduler.log_variance(t, v[i:i + 1])[0])
+    # v = +1 gives log(beta_t), v = -1 the clipped posterior variance
+    scheduler.set_timesteps(20)
+    ones = torch.ones(1, 3, 2, 2)
+    beta = 1 - scheduler.alphas_cumprod[950] / scheduler.alphas_cumprod[900]
+    torch.testing.assert_close(scheduler.log_variance(950, ones), torch.log(beta).expand(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_zero_strength_equals_stock_ddim(eta):
+    sdas, stock = SDASDDIMScheduler(), DDIMScheduler()
+    sdas.set_timesteps(20)
+    stock.set_timesteps(20)
+    sample, model_output = _model_output(4)
+    x_sdas, x_stock = sample.clone(), sample.clone()
+    g_sdas, g_stock = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for t in sdas.timesteps:
+        x_sdas = sdas.step(model_output, t, x_sdas, eta=eta, generator=g_sdas).prev_sample
+        x_stock = stock.step(model_output[:, :3], t, x_stock, eta=eta, use_clipped_model_output=True,
+                             generator=g_stock).prev_sample
+        assert torch.equal(x_sdas, x_stock)
+
+
+def test_ddim_strength_adds_sqrt_s_times_learned_sigma_noise():
+    scheduler = SDASDDIMScheduler()
+    scheduler.set_timesteps(20)
+    sample, model_output = _model_output(5)
+    t = scheduler.timesteps[3]
+    base = scheduler.step(model_output, t, sample).prev_sample
+    perturbed = scheduler.step(model_output, t, sample, anomaly_strength=0.02,
+                               generator=torch.Generator().manual_seed(9)).prev_sample
+    z = torch.randn(sample.shape, generator=torch.Generator().manual_seed(9))
+    expected = math.sqrt(0.02) * torch.exp(0.5 * scheduler.log_variance(t, model_output[:, 3:])) * z
+    torch.testing.assert_close(perturbed - base, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_strength_is_an_input_error():
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(20)
+    sample, model_output = _model_output(6)
+    with pytest.raises(InputError):
+        scheduler.step(model_output, 950, sample, anomaly_strength=-0.1)
+    with pytest.raises(InputError):
+        scheduler.step(model_output, 950, sample, anomaly_strength=torch.zeros(2))
+
+
+def test_config_round_trip_and_sampler_switch(tmp_path):
+    scheduler = SDASScheduler(beta_end=0.03)
+    scheduler.save_config(tmp_path)
+    reloaded = SDASScheduler.from_pretrained(tmp_path)
+    assert reloaded.config.beta_end == 0.03 and reloaded.config.variance_type == "learned_range"
+    ddim = make_scheduler("ddim", reloaded.config)
+    assert isinstance(ddim, SDASDDIMScheduler) and ddim.config.beta_end == 0.03
+    with pytest.raises(InputError, match="ddpm"):
+        make_scheduler("euler")
