@@ -4,8 +4,9 @@ One U-Net per feature level maps features of a possibly anomalous image to the f
 normal counterpart. Layout as the official network (GroupNorm, single-conv ResBlocks, attention at
 downsample factors 2 and 4 and in the middle, zero-initialised output so the reconstruction starts
 at exactly 0), but it accepts any channel count and any spatial size:
-- GroupNorm uses the largest divisor of the channel count that is <= 32 (32 whenever the official
-  network would work at all), attention heads the largest divisor of the width that is <= width/64;
+- GroupNorm uses the largest divisor of the channel count that is <= 32 and leaves at least two
+  channels per group (32 whenever the official network would work at all), attention heads the
+  largest divisor of the width that is <= width/64; the base width is at least 2;
 - inputs whose sides are not multiples of 2**(levels-1) are replicate-padded and the output cropped.
 """
 
@@ -19,8 +20,13 @@ from torch import nn
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
-    """Largest divisor of `channels` that is at most `max_groups`."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    """Largest divisor of `channels` that is at most `max_groups` and leaves >= 2 channels per group.
+
+    Equals the official 32 for every width the official network supports (multiples of 64); the
+    two-channel minimum keeps GroupNorm defined on 1x1 maps (tiny inputs, deepest level).
+    """
+    limit = max(1, min(max_groups, channels // 2))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
 def head_count(channels: int, head_width: int = 64) -> int:
@@ -102,7 +108,7 @@ class ReconstructionUNet(nn.Module):
         attention_mult: Sequence[int] = (2, 4),
     ) -> None:
         super().__init__()
-        base = max(1, int(width_ratio * channels))
+        base = max(2, int(width_ratio * channels))
         self.channels = channels
         self.factor = 2 ** (len(channel_mult) - 1)
         self.input_blocks = nn.ModuleList([nn.Conv2d(channels, base, 3, padding=1)])

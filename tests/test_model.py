@@ -1,0 +1,198 @@
+"""RealNet end to end on a tiny random resnet18: shapes, freezing, AFS, statistics, Hub save/load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from realnet.model import RealNet, default_afs_channels
+from sia.errors import InputError
+
+TINY = dict(backbone="resnet18", backbone_pretrained=False, afs_channels=[16, 24, 32, 16], image_size=64)
+
+
+@pytest.fixture(scope="module")
+def model() -> RealNet:
+    torch.manual_seed(0)
+    net = RealNet(**TINY)
+    for unet in net.recon.unets:  # leave the zero init so reconstructions and maps are non-trivial
+        torch.nn.init.normal_(unet.out[-1].weight, std=0.05)
+    return net.eval()
+
+
+def _afs_batches(n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        clean = torch.rand(2, 3, 64, 64, generator=gen)
+        masks = torch.zeros(2, 1, 64, 64)
+        masks[:, :, 16:40, 20:44] = 1
+        yield {"image": clean * (1 - masks) + masks * 0.9, "clean_image": clean, "mask": masks}
+
+
+def test_forward_shapes_square_and_non_square(model):
+    for size in [(64, 64), (64, 96)]:
+        images, clean = torch.rand(2, 3, *size), torch.rand(2, 3, *size)
+        out = model(images, clean_images=clean)
+        h, w = size
+        assert out.anomaly_map.shape == (2, 1, h, w) and out.logits.shape == (2, 2, h, w)
+        assert out.image_score.shape == (2,)
+        assert 0 <= out.anomaly_map.min() and out.anomaly_map.max() <= 1
+        assert [tuple(f.shape) for f in out.features] == [
+            (2, 16, h // 4, w // 4), (2, 24, h // 8, w // 8), (2, 32, h // 16, w // 16), (2, 16, h // 32, w // 32)
+        ]
+        assert [f.shape for f in out.clean_features] == [f.shape for f in out.features]
+        assert out.rrs_indices.shape == (2, sum(model.rrs_top_k))
+        alone = model(images)
+        assert alone.clean_features is None
+        torch.testing.assert_close(alone.anomaly_map, out.anomaly_map)
+
+
+def test_zero_initialised_reconstruction():
+    torch.manual_seed(0)
+    fresh = RealNet(**TINY)
+    out = fresh(torch.rand(1, 3, 64, 64))
+    assert all(torch.count_nonzero(r) == 0 for r in out.reconstructions)
+    assert all(torch.equal(res, f.pow(2)) for res, f in zip(out.residuals, out.features))
+
+
+def test_train_keeps_backbone_frozen_and_in_eval():
+    torch.manual_seed(0)
+    net = RealNet(**TINY).train()
+    assert not net.backbone.model.training and net.recon.training and net.discriminator.training
+    trainable = {id(p) for p in net.trainable_parameters()}
+    assert all(id(p) not in trainable and not p.requires_grad for p in net.backbone.parameters())
+    backbone_before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    optimiser = torch.optim.Adam(net.trainable_parameters(), lr=1e-2)
+    images, masks = torch.rand(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)
+    out = net(images, clean_images=images)
+    loss = torch.nn.functional.cross_entropy(out.logits, masks) + sum(
+        torch.nn.functional.mse_loss(r, c) for r, c in zip(out.reconstructions, out.clean_features)
+    )
+    loss.backward()
+    optimiser.step()
+    assert all(torch.equal(v, net.backbone.state_dict()[k]) for k, v in backbone_before.items())
+    assert net.recon.unets[0].out[-1].weight.abs().sum() > 0
+
+
+def test_select_features_stores_sorted_indices_once():
+    torch.manual_seed(0)
+    net = RealNet(**TINY)
+    assert not net.afs_ready
+    losses = net.select_features(_afs_batches(2), num_batches=2, progress=False)
+    assert net.afs_ready and [l.numel() for l in losses] == [64, 128, 256, 512]
+    for idx, k in zip(net.selector.indices(), TINY["afs_channels"]):
+        assert idx.numel() == k and torch.equal(idx, idx.unique())  # unique() sorts ascending
+    with pytest.raises(RuntimeError, match="already selected"):
+        net.select_features(_afs_batches(1), num_batches=1, progress=False)
+
+
+def test_feature_statistics_standardise_normal_features():
+    torch.manual_seed(0)
+    net = RealNet(**TINY, standardize_features=True)
+    data = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    raw = [torch.cat(level) for level in zip(*(net.backbone_features(x) for x in data))]
+    net.fit_feature_statistics(data, progress=False)
+    assert net.feature_statistics_ready
+    feats = [torch.cat(level) for level in zip(*(net.backbone_features(x) for x in data))]
+    assert not torch.equal(raw[0], feats[0])
+    for level, raw_level in zip(feats, raw):
+        per_channel = level.transpose(0, 1).flatten(1)
+        alive = raw_level.transpose(0, 1).flatten(1).std(dim=1) > 1e-4  # others hit the eps floor
+        torch.testing.assert_close(per_channel.mean(1), torch.zeros(per_channel.shape[0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(per_channel[alive].std(1, unbiased=False), torch.ones(int(alive.sum())), atol=1e-3, rtol=0)
+
+
+def test_defaults_and_input_errors():
+    assert default_afs_channels([256, 512, 1024, 2048]) == [256, 512, 512, 256]
+    assert default_afs_channels([24, 40, 112, 320]) == [24, 40, 112, 256]
+    with pytest.raises(InputError, match=r"afs_channels\[0\]"):
+        RealNet(**{**TINY, "afs_channels": [65, 8, 8, 8]})
+    with pytest.raises(InputError, match="image_score"):
+        RealNet(**{**TINY, "image_score": "mean"})
+
+
+def test_bad_images_are_input_errors(model):
+    with pytest.raises(InputError, match="images"):
+        model(torch.rand(3, 64, 64))
+    with pytest.raises(InputError, match="at least 32x32"):
+        model(torch.rand(1, 3, 16, 16))
+    with pytest.raises(InputError, match="clean_images"):
+        model(torch.rand(1, 3, 64, 64), clean_images=torch.rand(2, 3, 64, 64))
+
+
+def test_save_load_round_trip_is_exact(model, tmp_path):
+    model.selector.set_indices([torch.arange(16) * 4, torch.arange(24) * 5, torch.arange(32) * 8, torch.arange(16) * 32])
+    model.save_pretrained(tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert config["afs_channels"] == [16, 24, 32, 16] and config["rrs_top_k"] == list(model.rrs_top_k)
+    assert any(k.startswith("backbone.") for k in load_file(str(tmp_path / "tiny" / "model.safetensors")))
+    loaded = RealNet.from_pretrained(tmp_path / "tiny")
+    assert loaded.afs_ready and not loaded.training
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images).anomaly_map, model(images).anomaly_map, rtol=0, atol=0)
+    prediction = loaded.predict(torch.rand(3, 80, 80))
+    assert prediction.anomaly_map.shape == (1, 1, 64, 64) and prediction.image_score.shape == (1,)
+
+
+def test_checkpoint_load_never_fetches_backbone_weights(model, tmp_path):
+    model.save_pretrained(tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(backbone_pretrained=True, backbone_weights=str(tmp_path / "nowhere.pth"))
+    config_path.write_text(json.dumps(config))
+    loaded = RealNet.from_pretrained(tmp_path / "ckpt")  # offline, no such file: must not be touched
+    images = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(images).anomaly_map, model(images).anomaly_map, rtol=0, atol=0)
+
+
+def test_hub_shaped_offline_cache(model, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--realnet-tiny"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = RealNet.from_pretrained("acme/realnet-tiny", cache_dir=tmp_path / "hub")
+    images = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(images).anomaly_map, model(images).anomaly_map, rtol=0, atol=0)
+
+
+def test_strict_loading_names_missing_and_unexpected_keys(model, tmp_path):
+    model.save_pretrained(tmp_path / "good")
+    state = load_file(str(tmp_path / "good" / "model.safetensors"))
+    for name, change in [("missing", lambda s: s.pop("discriminator.decoder3.2.bias")),
+                         ("unexpected", lambda s: s.__setitem__("extra.weight", torch.zeros(2)))]:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        broken = dict(state)
+        change(broken)
+        save_file(broken, str(folder / "model.safetensors"))
+        with pytest.raises(InputError, match=f"{name} keys: ") as err:
+            RealNet.from_pretrained(folder)
+        assert "\n" not in str(err.value)
+        assert ("decoder3.2.bias" if name == "missing" else "extra.weight") in str(err.value)
+
+
+def test_pickle_checkpoints_are_refused(model, tmp_path):
+    model.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(InputError, match="has no model.safetensors"):
+        RealNet.from_pretrained(tmp_path / "pickled")
+
+
+def test_full_official_size_on_meta_device():
+    """WRN50 with 256/512/512/256: 518.2 M reconstruction + 5.87 M RRS parameters, as the official net."""
+    with torch.device("meta"):
+        net = RealNet(backbone_pretrained=False)
+    assert net.afs_channels == [256, 512, 512, 256] and net.rrs_top_k == [256, 256]
+    recon = sum(p.numel() for p in net.recon.parameters())
+    head = sum(p.numel() for p in net.discriminator.parameters())
+    assert round(recon / 1e6, 1) == 518.2 and round(head / 1e6, 2) == 5.87
