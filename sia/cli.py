@@ -11,3 +11,157 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+# --- sia generate -------------------------------------------------------------------------------
+from pathlib import Path as _Path  # noqa: E402
+from typing import Annotated as _Annotated  # noqa: E402
+
+from typer.core import TyperCommand as _TyperCommand  # noqa: E402
+
+from .errors import report_input_errors as _report_input_errors  # noqa: E402
+
+
+def _looks_like_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _StrengthRangeCommand(_TyperCommand):
+    """Lets ``--strength 0.1 0.2`` (two values after one flag) reach the option as ``"0.1,0.2"``."""
+
+    def parse_args(self, ctx, args):
+        joined, i = [], 0
+        while i < len(args):
+            token = args[i]
+            if token == "--strength" and i + 2 < len(args) and _looks_like_number(args[i + 1]) \
+                    and _looks_like_number(args[i + 2]):
+                joined += [token, f"{args[i + 1]},{args[i + 2]}"]
+                i += 3
+                continue
+            if token.startswith("--strength=") and i + 1 < len(args) and _looks_like_number(args[i + 1]):
+                joined.append(f"{token},{args[i + 1]}")
+                i += 2
+                continue
+            joined.append(token)
+            i += 1
+        return super().parse_args(ctx, joined)
+
+
+@app.command("generate", cls=_StrengthRangeCommand)
+@_report_input_errors
+def generate_command(
+    category: _Annotated[list[str], typer.Option(
+        help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several.")],
+    model: _Annotated[str, typer.Option(help="Saved SDASPipeline folder or Hugging Face Hub id.")],
+    output: _Annotated[_Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")],
+    strength: _Annotated[str, typer.Option(
+        help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
+             "(s ~ U(MIN, MAX) per image; official: 0.1 0.2).")] = "0.1,0.2",
+    num_images: _Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
+    seed: _Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly.")] = 0,
+    batch_size: _Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
+    steps: _Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
+    sampler: _Annotated[str, typer.Option(help="ddpm (official ancestral SDAS sampler) or ddim (deterministic DDIM + s*Sigma noise; use small s, e.g. 0.01-0.03).")] = "ddpm",
+    revision: _Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model; recorded as a commit hash.")] = None,
+    device: _Annotated[str | None, typer.Option(help="Device, e.g. cpu, cuda, cuda:1 (default: this process's accelerator, or cpu).")] = None,
+    dtype: _Annotated[str, typer.Option(help="UNet weights dtype: float32, float16 or bfloat16 (half precision on GPU; scheduler math stays float32).")] = "float32",
+) -> None:
+    """Sample SDAS anomaly images into a resumable imagefolder dataset (shard with torchrun/accelerate launch)."""
+    from .generate import generate_dataset
+
+    summary = generate_dataset(model=model, output=output, categories=category, num_images=num_images,
+                               strength=strength, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
+                               revision=revision, device=device, dtype=dtype)
+    if summary.metadata is not None:
+        typer.echo(f"{summary.generated} generated, {summary.skipped} already present, {summary.total} images in {summary.output}")
+
+
+from .errors import report_input_errors  # noqa: E402
+
+
+@app.command("train")
+@report_input_errors
+def train_command(
+    data: str = typer.Option(..., "--data", help="Folder of normal images: <root>/<category>/train/good/* (MVTec style), "
+                             "<root>/<category>/* (one sub-folder per category) or one folder of images (one category)."),
+    output: str = typer.Option(..., "--output", help="Run folder: training_config.json, checkpoints/, samples/, train_log.jsonl "
+                               "and the final SDASPipeline in <output>/pipeline (pass that to `sia generate --model`)."),
+    categories: str = typer.Option(None, "--categories", help="Comma-separated category sub-folders to train on, in class-id "
+                                   "order (default: all; known benchmark categories keep the official order)."),
+    preset: str = typer.Option("adm-256", "--preset", help="UNet preset: adm-256 (official SDAS, GPU), small-64 (~10 M "
+                               "parameters, trains on a CPU in hours) or tiny-32 (CPU demos and tests)."),
+    image_size: int = typer.Option(None, "--image-size", help="Training resolution (bilinear resize, no crop); any multiple "
+                                   "of the preset's down factor. Default: the preset's size (256 for adm-256)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer updates to train for (default 10000 unless --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes over the images instead of --steps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per process and micro-batch (official: 5 per GPU)."),
+    gradient_accumulation: int = typer.Option(1, "--gradient-accumulation", help="Micro-batches averaged per update "
+                                              "(official: 3, with 4 GPUs x 5 = effective batch 60)."),
+    learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (official 1e-4, no schedule)."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay of the weights that are saved and sampled."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 (CUDA) or bf16."),
+    init_from: str = typer.Option(None, "--init-from", help="Initialise from a diffusers UNet2DModel or pipeline folder, a "
+                                  "Hub id, a .safetensors file or an ADM .pt checkpoint (e.g. OpenAI's ImageNet 256x256 "
+                                  "model); tensors with matching key and shape are copied, the rest is reported."),
+    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps "
+                                         "(the last 2 are kept)."),
+    sample_every: int = typer.Option(1000, "--sample-every", help="Write samples/step_N.png (rows s = 0, 0.1, 0.2 from "
+                                     "one fixed noise, EMA weights) every N steps; 0 disables."),
+    sample_steps: int = typer.Option(20, "--sample-steps", help="Sampling steps for the preview grids."),
+    seed: int = typer.Option(100, "--seed", help="Seed of the initialisation, batches, timesteps and noise."),
+    horizontal_flip: bool = typer.Option(False, "--horizontal-flip/--no-horizontal-flip", help="Random horizontal "
+                                         "flips (the official recipe uses none)."),
+    num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in --output and start again."),
+    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is available."),
+) -> None:
+    """Train the class-conditional SDAS diffusion model on normal images (IDDPM hybrid loss, EMA).
+
+    Multi-GPU: `accelerate launch --multi_gpu --num_processes 4 $(which sia) train ...` or
+    `torchrun --nproc_per_node 4 $(which sia) train ...` (--batch-size is per process).
+    """
+    from .training import DiffusionTrainingConfig, train_diffusion
+
+    names = [c.strip() for c in (categories or "").split(",") if c.strip()] or None
+    config = DiffusionTrainingConfig(
+        data_dir=data, output_dir=output, categories=names, preset=preset, image_size=image_size,
+        max_steps=steps, epochs=epochs, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation,
+        learning_rate=learning_rate, ema_decay=ema_decay, mixed_precision=mixed_precision, init_from=init_from,
+        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_inference_steps=sample_steps,
+        seed=seed, horizontal_flip=horizontal_flip, num_workers=num_workers, resume=resume,
+        overwrite=overwrite, cpu=cpu,
+    )
+    pipeline = train_diffusion(config)
+    typer.echo(f"pipeline: {pipeline}")
+
+
+# --- sia preview --------------------------------------------------------------------------------
+@app.command("preview")
+@report_input_errors
+def preview_command(
+    images: str = typer.Option(..., "--images", help="Folder of normal images to turn into anomalies (any size or mode; "
+                               "sorted, row i uses image i, cycling)."),
+    source: str = typer.Option(..., "--source", help="Anomaly source: an SIA image folder (or sia:PATH; its <category> "
+                               "sub-folder is used when present), dtd:PATH (texture folder, 3 random augmentations) or "
+                               "cutpaste (content from elsewhere in the same image)."),
+    category: str = typer.Option("none", "--category", help="Foreground recipe: a benchmark category (bottle, "
+                                 "mvtec-ad/bottle, visa/pcb1, ...), none (whole image) or auto (Otsu, polarity "
+                                 "chosen by the image border)."),
+    out: str = typer.Option(..., "--out", help="PNG file to write: one row per sample, columns normal | anomalous | "
+                            "mask outline (red)."),
+    n: int = typer.Option(16, "--n", help="Number of rows (samples)."),
+    seed: int = typer.Option(0, "--seed", help="Row i uses seed + i; the same seed gives the same grid."),
+    size: int = typer.Option(256, "--size", help="Side of each square panel in pixels (images are resized, no crop)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+) -> None:
+    """Preview synthetic anomalies (Perlin mask x foreground x blended source) as a PNG grid."""
+    from .preview import save_preview
+
+    path = save_preview(out, overwrite=overwrite, images=images, source=source, category=category, n=n, seed=seed,
+                        size=size)
+    typer.echo(f"preview: {path}")

@@ -1,0 +1,237 @@
+"""Generate an SDAS anomaly image set (SIA) as a Hugging Face `imagefolder` dataset.
+
+Layout of the output folder (``datasets.load_dataset("imagefolder", data_dir=DIR)`` loads it)::
+
+    DIR/<category>/000000.png ...      lossless PNG (the official release uses lossy JPEG)
+    DIR/metadata.jsonl                 file_name, category, index, strength, seed, model, revision,
+                                       sampler, steps, dtype (rebuilt atomically at the end of a run)
+    DIR/.sia/settings.json             the settings of this folder; a run with other settings is refused
+    DIR/.sia/records/<category>/*.json one record per finished image (what makes a run resumable)
+
+Image ``i`` of a category is sampled with its own generator seeded ``seed + i`` (latents, its
+strength and its step noise), so the set does not depend on the batch size or on the number of
+processes. Runs launched with ``torchrun``/``accelerate launch`` split the images across processes
+(`accelerate.PartialState`). An interrupted run resumes where it stopped: finished images are
+skipped and every file is written to a temporary name first, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError
+from .pipeline import SDASPipeline
+
+__all__ = ["generate_dataset", "load_generation_pipeline", "GenerationSummary", "parse_strength", "parse_categories"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SETTINGS_KEYS = ("model", "revision", "sampler", "steps", "strength", "seed", "dtype")
+
+
+@dataclass
+class GenerationSummary:
+    """What a run did: the dataset folder and image counts (this process's share for generated/skipped)."""
+
+    output: Path
+    generated: int
+    skipped: int
+    total: int
+    metadata: Path | None
+
+
+def parse_strength(values: float | str | Sequence[float | str]) -> tuple[float, ...]:
+    """Normalise a strength spec to ``(s,)`` or ``(min, max)``; accepts ``0.15``, ``"0.1,0.2"``, ``[0.1, 0.2]``."""
+    if isinstance(values, str):
+        parts = [p for p in values.replace(",", " ").split() if p]
+    elif isinstance(values, (int, float)):
+        parts = [values]
+    else:
+        parts = list(values)
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise InputError(f"--strength expects one or two numbers, got {values!r}") from None
+    if len(numbers) not in (1, 2) or any(not (0 <= n < float("inf")) for n in numbers):
+        raise InputError(f"--strength expects one or two numbers >= 0, got {values!r}")
+    if len(numbers) == 2:
+        if numbers[0] > numbers[1]:
+            raise InputError(f"--strength min must not exceed max, got {values!r}")
+        if numbers[0] == numbers[1]:
+            numbers = numbers[:1]
+    return numbers
+
+
+def parse_categories(values: str | Sequence[str]) -> list[str]:
+    """Categories from repeated and/or comma-separated values, de-duplicated in order."""
+    items = [values] if isinstance(values, str) else list(values)
+    names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not names:
+        raise InputError("--category needs at least one category name")
+    return list(dict.fromkeys(names))
+
+
+def load_generation_pipeline(model: str | os.PathLike, revision: str | None = None, device: str | torch.device | None = None,
+                             dtype: str = "float32") -> tuple[SDASPipeline, str, str | None]:
+    """Load an `SDASPipeline` from a folder or Hub id; returns (pipeline, model id, resolved revision).
+
+    For Hub ids the revision recorded is the commit hash of the downloaded snapshot, so a dataset
+    says exactly which weights made it.
+    """
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = Path(model)
+    if path.is_dir():
+        if revision is not None:
+            raise InputError(f"--revision applies to Hub ids only, but --model {model} is a local folder")
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"--model {model}: folder has no model_index.json (expected a saved SDASPipeline)")
+        folder, model_id, resolved = path, str(path.resolve()), None
+    else:
+        try:
+            folder = Path(SDASPipeline.download(str(model), revision=revision))
+        except Exception as err:  # noqa: BLE001 - any hub/network failure means the same to the user
+            raise InputError(f"--model {model}: not a local folder and not loadable from the Hub ({type(err).__name__})") from None
+        model_id = str(model)
+        resolved = folder.name if folder.parent.name == "snapshots" else revision
+    pipe = SDASPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe, model_id, resolved
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _check_settings(settings_path: Path, settings: dict) -> bool:
+    """True when the folder already has settings (equal ones); InputError naming the differences otherwise."""
+    if not settings_path.is_file():
+        return False
+    existing = json.loads(settings_path.read_text(encoding="utf-8"))
+    diffs = [f"{k}: existing {existing.get(k)!r} vs requested {settings[k]!r}"
+             for k in SETTINGS_KEYS if existing.get(k) != settings[k]]
+    if diffs:
+        raise InputError(f"--output {settings_path.parent.parent} was generated with other settings ({'; '.join(diffs)}); "
+                         "use a new folder or the same settings")
+    return True
+
+
+def _rebuild_metadata(output: Path) -> Path:
+    records_dir = output / ".sia" / "records"
+    lines = []
+    for record_path in sorted(records_dir.glob("*/*.json")):
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if (output / record["file_name"]).is_file():
+            lines.append(json.dumps(record, sort_keys=True))
+    metadata = output / "metadata.jsonl"
+    _write_text_atomic(metadata, "\n".join(lines) + ("\n" if lines else ""))
+    return metadata
+
+
+def generate_dataset(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    categories: str | Sequence[str],
+    num_images: int,
+    strength: float | str | Sequence[float] = (0.1, 0.2),
+    seed: int = 0,
+    batch_size: int = 16,
+    steps: int = 20,
+    sampler: str = "ddpm",
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    progress: bool = True,
+    on_image_saved: Callable[[dict], None] | None = None,
+) -> GenerationSummary:
+    """Sample `num_images` SDAS images per category into an imagefolder dataset at `output` (resumable).
+
+    Args:
+        model: saved `SDASPipeline` folder or Hub id.
+        categories: category names (as known by the model; ``"bottle"`` or ``"mvtec-ad/bottle"``).
+        strength: fixed s, or (min, max) with s ~ U(min, max) drawn per image.
+        seed: image i of every category uses seed + i.
+        sampler: "ddpm" (official) or "ddim".
+        on_image_saved: called with each image's record after it is written (progress hooks, tests).
+    """
+    from accelerate import PartialState
+
+    if num_images < 1:
+        raise InputError(f"--num-images must be at least 1, got {num_images}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    if steps < 1:
+        raise InputError(f"--steps must be at least 1, got {steps}")
+    strengths = parse_strength(strength)
+    names = parse_categories(categories)
+    state = PartialState()
+    pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device or state.device, dtype)
+    pipe.use_sampler(sampler)
+    pipe.set_progress_bar_config(disable=True)
+    names = [pipe.categories[pipe.category_id(n)] for n in names]
+
+    output = Path(output)
+    settings = {"model": model_id, "revision": resolved_revision, "sampler": sampler.lower(), "steps": steps,
+                "strength": list(strengths), "seed": seed, "dtype": dtype}
+    settings_path = output / ".sia" / "settings.json"
+    known = _check_settings(settings_path, settings)
+    if state.is_main_process and not known:
+        settings_path.parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    state.wait_for_everyone()
+    _check_settings(settings_path, settings)
+
+    width = max(6, len(str(num_images - 1)))
+    items = [(name, i) for name in names for i in range(num_images)]
+    mine = items[state.process_index::state.num_processes]
+
+    def paths(name: str, index: int) -> tuple[Path, Path]:
+        stem = f"{index:0{width}d}"
+        return output / name / f"{stem}.png", output / ".sia" / "records" / name / f"{stem}.json"
+
+    todo = [(n, i) for n, i in mine if not all(p.is_file() for p in paths(n, i))]
+    for name in names:
+        (output / name).mkdir(parents=True, exist_ok=True)
+        (output / ".sia" / "records" / name).mkdir(parents=True, exist_ok=True)
+    strength_arg = strengths[0] if len(strengths) == 1 else strengths
+    generated = 0
+    with tqdm(total=len(todo), desc="sia generate", unit="img", disable=not (progress and state.is_main_process)) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in batch]
+            result = pipe(category=[n for n, _ in batch], strength=strength_arg, num_inference_steps=steps,
+                          generator=generators, output_type="pil")
+            for (name, index), image, s in zip(batch, result.images, result.strengths):
+                image_path, record_path = paths(name, index)
+                _write_atomic(image_path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                record = {"file_name": f"{name}/{image_path.name}", "category": name, "index": index,
+                          "strength": s, "seed": seed + index, "model": model_id, "revision": resolved_revision,
+                          "sampler": settings["sampler"], "steps": steps, "dtype": dtype}
+                _write_text_atomic(record_path, json.dumps(record, sort_keys=True))
+                generated += 1
+                bar.update()
+                if on_image_saved is not None:
+                    on_image_saved(record)
+
+    state.wait_for_everyone()
+    metadata = _rebuild_metadata(output) if state.is_main_process else None
+    state.wait_for_everyone()
+    return GenerationSummary(output=output, generated=generated, skipped=len(mine) - len(todo),
+                             total=len(items), metadata=metadata)
