@@ -1,0 +1,223 @@
+"""Diffusion training: data discovery, loss goes down, exact resume, shape-matched init, CLI end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sia.training as training
+from sia.diffusion_data import batch_keys, discover_training_images
+from sia.errors import InputError
+from sia.training import DiffusionTrainingConfig, load_matching_weights, train_diffusion
+
+# A UNet small enough for hundreds of CPU steps: two levels, 8/16 channels, attention at 8 px.
+MICRO_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, attention_head_dim=8,
+                  norm_num_groups=4, attn_norm_num_groups=4)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; every test gets a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _toy_image(category: int, index: int, size: int = 20) -> Image.Image:
+    """A flat category colour with a small square whose place and colour vary per image."""
+    rng = np.random.default_rng(100 * category + index)
+    array = np.zeros((size, size, 3), np.uint8)
+    array[..., category % 3] = 190
+    y, x = rng.integers(2, size - 8, 2)
+    array[y:y + 6, x:x + 6] = rng.integers(0, 256, 3)
+    return Image.fromarray(array)
+
+
+@pytest.fixture
+def toy_data(tmp_path: Path) -> Path:
+    """Two categories in MVTec layout (with a test split that must be ignored)."""
+    root = tmp_path / "data"
+    for c, name in enumerate(["cable", "bottle"]):
+        good = root / name / "train" / "good"
+        good.mkdir(parents=True)
+        for i in range(4):
+            _toy_image(c, i).save(good / f"{i:03d}.png")
+        (root / name / "test" / "crack").mkdir(parents=True)
+        _toy_image(2, 9).save(root / name / "test" / "crack" / "000.png")
+    return root
+
+
+def _config(data: Path, out: Path, **overrides) -> DiffusionTrainingConfig:
+    settings = dict(data_dir=str(data), output_dir=str(out), preset="tiny-32", image_size=16,
+                    unet_overrides=MICRO_UNET, batch_size=4, learning_rate=2e-3, sample_every=0,
+                    checkpoint_every=1000, log_every=1, progress=False, cpu=True)
+    settings.update(overrides)
+    return DiffusionTrainingConfig(**settings)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_discovery_of_mvtec_generic_and_single_folder_layouts(toy_data: Path, tmp_path: Path):
+    names, items = discover_training_images(toy_data)
+    assert names == ["bottle", "cable"]  # official MVTec order, not folder order
+    assert len(items) == 8 and all("test" not in p.path.parts for p in items)
+    assert {i.class_id for i in items if i.path.parts[-4] == "cable"} == {1}
+
+    names, items = discover_training_images(toy_data, ["cable"])
+    assert names == ["cable"] and len(items) == 4 and {i.class_id for i in items} == {0}
+
+    generic = tmp_path / "generic"
+    for name in ("zeta", "alpha"):
+        (generic / name).mkdir(parents=True)
+        _toy_image(0, 0).save(generic / name / "a.png")
+    assert discover_training_images(generic)[0] == ["alpha", "zeta"]
+
+    single = tmp_path / "widgets"
+    single.mkdir()
+    _toy_image(0, 1).save(single / "x.jpg")
+    assert discover_training_images(single)[0] == ["widgets"]
+    assert discover_training_images(toy_data / "bottle")[0] == ["bottle"]
+
+    with pytest.raises(InputError, match="screw"):
+        discover_training_images(toy_data, ["bottle", "screw"])
+    with pytest.raises(InputError, match="no such folder"):
+        discover_training_images(tmp_path / "missing")
+
+
+def test_batches_cover_each_epoch_once_and_split_across_processes():
+    n, batch = 10, 4
+    seen = [k for step in range(5) for k, _ in batch_keys(n, batch, step, 0, 1, seed=3)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert seen[:10] != seen[10:20]  # reshuffled per epoch
+    for step in range(4):
+        whole = batch_keys(n, batch, step, 0, 1, seed=3)
+        parts = batch_keys(n, batch, step, 0, 2, seed=3) + batch_keys(n, batch, step, 1, 2, seed=3)
+        assert sorted(whole) == sorted(parts)
+    assert batch_keys(n, batch, 7, 0, 1, seed=3) == batch_keys(n, batch, 7, 0, 1, seed=3)
+    flips = [f for step in range(20) for _, f in batch_keys(n, batch, step, 0, 1, seed=3, horizontal_flip=True)]
+    assert 0 < sum(flips) < len(flips)
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_training_lowers_the_loss_and_keeps_the_vlb_finite(toy_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    pipeline = train_diffusion(_config(toy_data, out, max_steps=150, sample_every=150, sample_images=4,
+                                       sample_inference_steps=3))
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 151))
+    first = np.mean([r["loss"] for r in log[:25]])
+    last = np.mean([r["loss"] for r in log[-25:]])
+    assert last < 0.6 * first, (first, last)
+    assert all(np.isfinite(r["vb"]) and r["vb"] >= 0 for r in log)
+    assert (pipeline / "model_index.json").is_file()
+    grid = Image.open(out / "samples" / "step_000150.png")
+    assert grid.size == (4 * 16 + 5 * 2, 3 * 16 + 4 * 2)  # 4 columns, rows s = 0, 0.1, 0.2
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["resolved"]["categories"] == ["bottle", "cable"] and saved["max_steps"] == 150
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(toy_data: Path, tmp_path: Path, monkeypatch):
+    settings = dict(max_steps=6, checkpoint_every=2, gradient_accumulation_steps=2, batch_size=2,
+                    horizontal_flip=True, ema_decay=0.5)
+    train_diffusion(_config(toy_data, tmp_path / "straight", **settings))
+
+    # Kill the second run in the middle of step 4's accumulation (after the step-2 checkpoint... and step 3).
+    real_loss, calls = training.hybrid_loss, {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "hybrid_loss", dying_loss)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(_config(toy_data, interrupted, **settings))
+    monkeypatch.setattr(training, "hybrid_loss", real_loss)
+    assert training.latest_checkpoint(interrupted).name == "step_000002"
+    assert not (interrupted / "pipeline").exists()
+
+    with pytest.raises(InputError, match="--resume"):
+        train_diffusion(_config(toy_data, interrupted, **settings))
+    with pytest.raises(InputError, match="learning_rate"):
+        train_diffusion(_config(toy_data, interrupted, resume=True, **{**settings, "learning_rate": 1e-3}))
+
+    train_diffusion(_config(toy_data, interrupted, resume=True, **settings))
+    assert [r["step"] for r in _log(interrupted)] == list(range(1, 7))
+    for relative in ("pipeline/unet/diffusion_pytorch_model.safetensors", "checkpoints/step_000006/model.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / relative)), load_file(str(interrupted / relative))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), relative
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+
+
+def test_init_from_copies_matching_tensors_and_reports_skipped_keys(toy_data: Path, tmp_path: Path):
+    from diffusers import UNet2DModel
+
+    source_config = training.build_training_unet(_config(toy_data, tmp_path / "x"), num_classes=5).config
+    source = UNet2DModel(**{**dict(source_config), "num_class_embeds": 5})
+    torch.nn.init.normal_(source.conv_in.weight, std=3.0)
+    source.save_pretrained(tmp_path / "source_unet")
+
+    target = training.build_training_unet(_config(toy_data, tmp_path / "x"), num_classes=2)
+    report = load_matching_weights(target, source.state_dict(), "source")
+    assert list(report["skipped_shape_mismatch"]) == ["class_embedding.weight"]
+    assert report["loaded"] == report["target_keys"] - 1 and not report["missing_in_source"]
+    assert torch.equal(target.conv_in.weight, source.conv_in.weight)
+
+    out = tmp_path / "init_run"
+    pipeline = train_diffusion(_config(toy_data, out, max_steps=1, init_from=str(tmp_path / "source_unet")))
+    saved = json.loads((out / "init_report.json").read_text())
+    width = source.class_embedding.weight.shape[1]
+    assert saved["skipped_shape_mismatch"]["class_embedding.weight"] == {"source": [5, width], "target": [2, width]}
+    ema_unet = load_file(str(pipeline / "unet" / "diffusion_pytorch_model.safetensors"))
+    # EMA 0.9999 after one update: still the initialisation up to 1e-4 of one Adam step.
+    assert torch.allclose(ema_unet["conv_in.weight"], source.conv_in.weight, atol=1e-5)
+
+    with pytest.raises(InputError, match="init-from"):
+        train_diffusion(_config(toy_data, tmp_path / "bad", max_steps=1, init_from=str(tmp_path / "nothing.safetensors")))
+
+
+def test_cli_train_writes_a_loadable_pipeline(toy_data: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from sia.cli import app
+    from sia.pipeline import SDASPipeline
+
+    out = tmp_path / "cli_run"
+    args = ["train", "--data", str(toy_data), "--output", str(out), "--categories", "cable,bottle",
+            "--preset", "tiny-32", "--image-size", "16", "--steps", "2", "--batch-size", "2",
+            "--sample-every", "2", "--sample-steps", "2", "--checkpoint-every", "1", "--cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert str(out / "pipeline") in result.output
+    pipe = SDASPipeline.from_pretrained(out / "pipeline")
+    assert pipe.categories == ["cable", "bottle"]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("bottle", num_images=1, num_inference_steps=2, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    assert (out / "samples" / "step_000002.png").is_file()
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    bad = CliRunner().invoke(app, args[:-1] + ["--mixed-precision", "fp8", "--overwrite"])
+    assert bad.exit_code == 2 and "--mixed-precision" in bad.output
