@@ -11,3 +11,110 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+# ------------------------------------------------------------------------------------------------
+# train / eval / predict
+
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+from sia.errors import report_input_errors  # noqa: E402
+
+
+@app.command("train")
+@report_input_errors
+def train_command(
+    data: Annotated[Path, typer.Option("--data", help="Dataset root (e.g. the MVTec AD folder), or one category folder holding train/ and test/.")],
+    source: Annotated[str, typer.Option("--source", help="Anomaly source: 'sia:DIR_OR_HUB_ID' (SIA images; DIR may hold one sub-folder per category), 'dtd:DIR' (texture images) or 'cutpaste'.")],
+    output: Annotated[Path, typer.Option("--output", help="Run folder: model/, config.json, train_log.jsonl, checkpoints/.")],
+    dataset: Annotated[str, typer.Option(help="Layout of --data: mvtec-ad, visa, mpdd, btad, folder or kolektorsdd.")] = "mvtec-ad",
+    category: Annotated[Optional[list[str]], typer.Option("--category", help="Category to train on; repeat for one unified multi-class model, or 'all'. Omit when --data is a single category folder.")] = None,
+    foreground: Annotated[Optional[str], typer.Option(help="Foreground preset restricting where anomalies go ('mvtec-ad/hazelnut', 'none', 'auto'); default: the category's official preset, else the whole image.")] = None,
+    recipe: Annotated[str, typer.Option(help="Training recipe: 'fast' (converges in a small budget) or 'paper' (official settings); 'fast-no-<change>' ablations too.")] = "fast",
+    recipe_option: Annotated[Optional[list[str]], typer.Option("--recipe-option", help="Override one recipe field, KEY=VALUE (JSON value), e.g. learning_rate=3e-4; repeatable.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="timm backbone name (default wide_resnet50_2, as the paper).")] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone weights (.safetensors or weights-only torch file), e.g. the offline EfficientNet-Lite0 file.")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Download the timm ImageNet weights of the backbone (ignored with --backbone-weights).")] = True,
+    model_option: Annotated[Optional[list[str]], typer.Option("--model-option", help="Extra RealNet config, KEY=VALUE (JSON value), e.g. afs_channels=[24,40,112,256]; repeatable.")] = None,
+    image_size: Annotated[int, typer.Option(help="Square training/evaluation size in pixels (multiple of 32).")] = 256,
+    iterations: Annotated[Optional[int], typer.Option(help="Optimiser steps in all (takes precedence over --epochs).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images (default 1000, as the paper, when --iterations is not given).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch and process (default: the recipe's, 16).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data order, synthetic anomalies and initialisation.")] = 100,
+    mixed_precision: Annotated[str, typer.Option(help="'no', 'fp16' (CUDA) or 'bf16'.")] = "no",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete a previous run in --output and start again.")] = False,
+    afs_batches: Annotated[int, typer.Option(help="Batches of 100% synthetic anomalies used once by AFS to choose channels (paper: 64).")] = 64,
+    validation_fraction: Annotated[float, typer.Option(help="Share of training images held out for validation and threshold calibration (never trained on).")] = 0.15,
+    validate_every: Annotated[int, typer.Option(help="Validate on held-out images + fixed synthetic anomalies every N iterations (0: only as needed by --select).")] = 0,
+    select: Annotated[str, typer.Option(help="Which weights to save: 'last' or 'best' on the validation split (never on test data).")] = "last",
+    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N iterations (0: never).")] = 500,
+    threshold_fpr: Annotated[float, typer.Option(help="Target false-positive rate on normal images for the stored decision thresholds.")] = 0.01,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes for anomaly synthesis.")] = 0,
+    cpu: Annotated[bool, typer.Option(help="Train on the CPU even if a GPU is available.")] = False,
+) -> None:
+    """Train RealNet on normal images with synthetic anomalies (multi-GPU: `accelerate launch $(which realnet) train ...`)."""
+    from .training import TrainingConfig, parse_key_values, train
+
+    config = TrainingConfig(
+        data=str(data), output=str(output), source=source, dataset=dataset, categories=list(category or []),
+        foreground=foreground, recipe=recipe, recipe_overrides=parse_key_values(recipe_option, "--recipe-option"),
+        backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
+        model_kwargs={"backbone_pretrained": pretrained, **parse_key_values(model_option, "--model-option")},
+        image_size=image_size, iterations=iterations, epochs=epochs, batch_size=batch_size, seed=seed,
+        mixed_precision=mixed_precision, resume=resume, overwrite=overwrite, afs_batches=afs_batches,
+        validation_fraction=validation_fraction, validate_every=validate_every, select=select,
+        checkpoint_every=checkpoint_every, threshold_fpr=threshold_fpr, num_workers=num_workers, cpu=cpu,
+    )
+    model_dir = train(config)
+    typer.echo(f"model saved to {model_dir} (thresholds in {model_dir / 'thresholds.json'}); log: {output / 'train_log.jsonl'}")
+
+
+@app.command("eval")
+@report_input_errors
+def eval_command(
+    model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder or a Hub id.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset root, or one category folder holding train/ and test/.")],
+    dataset: Annotated[str, typer.Option(help="Layout of --data: mvtec-ad, visa, mpdd, btad, folder or kolektorsdd.")] = "mvtec-ad",
+    category: Annotated[Optional[list[str]], typer.Option("--category", help="Category to evaluate; repeat for several. Omit when --data is a single category folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for metrics.json and overlays/ (image | ground truth | heat map).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write one overlay PNG per test image (needs --out).")] = True,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
+) -> None:
+    """Evaluate on a test split: image AUROC, pixel AUROC and PRO (FPR <= 0.3) per category."""
+    from .evaluation import evaluate, format_table
+
+    results = evaluate(model, data, dataset=dataset, categories=list(category or []) or [None], out=out,
+                       batch_size=batch_size, overlays=overlays, device=device or _default_device())
+    typer.echo(format_table(results))
+    if out is not None:
+        typer.echo(f"metrics written to {out / 'metrics.json'}")
+
+
+@app.command("predict")
+@report_input_errors
+def predict_command(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder or a Hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.jsonl, maps/, masks/ and overlays/.")],
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    image_threshold: Annotated[Optional[float], typer.Option(help="Image score at or above which an image is anomalous (default: the model's normal-only calibrated value).")] = None,
+    pixel_threshold: Annotated[Optional[float], typer.Option(help="Pixel score at or above which a pixel is anomalous in masks/ (default: the model's calibrated value).")] = None,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write a heat-map overlay PNG per image.")] = True,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
+) -> None:
+    """Score images: anomaly score, map (.npy + 16-bit PNG), binary mask and overlay per image."""
+    from .predict import predict
+
+    results = predict(model, images, out, batch_size=batch_size, image_threshold=image_threshold,
+                      pixel_threshold=pixel_threshold, overlays=overlays, device=device or _default_device())
+    flagged = sum(1 for r in results if r.is_anomalous)
+    typer.echo(f"{len(results)} images scored, {flagged} flagged anomalous; results in {out / 'scores.csv'}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

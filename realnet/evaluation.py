@@ -1,0 +1,219 @@
+"""Evaluate a trained RealNet on a test split: image AUROC, pixel AUROC, PRO, and overlays.
+
+Maps and ground truth are compared at the model's input size (256² for the paper's models), as
+the official evaluator does (reference §8), but AUROCs are never flipped and PRO follows the MVTec
+definition (see ``realnet.metrics``). Overlays use the model's normal-only pixel threshold, never a
+threshold tuned on the test masks (the official code picks the F1-optimal one on the test set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sia.errors import InputError
+
+MODEL_SUBDIR = "model"
+THRESHOLDS_FILE = "thresholds.json"
+METRICS_FILE = "metrics.json"
+
+
+def resolve_model_path(model: str | Path) -> str:
+    """A training output folder (holding ``model/``), a model folder, or a Hub id."""
+    path = Path(model)
+    if (path / MODEL_SUBDIR / "config.json").is_file():
+        return str(path / MODEL_SUBDIR)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"--model {model}: folder has no config.json (expected a saved RealNet or a training output)")
+        return str(path)
+    if path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
+        raise InputError(f"--model {model}: no such model folder (expected a folder or a Hub id 'org/name')")
+    return str(model)
+
+
+def load_model(model: Any, device: Optional[str | torch.device] = None):
+    """A ready RealNet in eval mode from a folder, a training output or a Hub id (or pass one through)."""
+    from .model import RealNet
+
+    if isinstance(model, torch.nn.Module):
+        loaded = model
+    else:
+        location = resolve_model_path(model)
+        try:
+            loaded = RealNet.from_pretrained(location)
+        except InputError:
+            raise
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"--model {model}: cannot load a RealNet ({first})") from None
+    if device is not None:
+        loaded = loaded.to(device)
+    return loaded.eval()
+
+
+def load_thresholds(model: Any) -> Optional[dict]:
+    """The normal-only thresholds saved with a model (``thresholds.json``), or None."""
+    if isinstance(model, torch.nn.Module):
+        return getattr(model, "thresholds", None)
+    location = resolve_model_path(model)
+    path = Path(location) / THRESHOLDS_FILE
+    if not Path(location).is_dir():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(location, THRESHOLDS_FILE))
+        except Exception:  # noqa: BLE001 - a Hub model without thresholds is still usable
+            return None
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _model_size(model) -> tuple[int, int]:
+    """(H, W) the model was trained at."""
+    size = getattr(model, "image_size", None) or 256
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def _collate(items: list[dict]) -> dict:
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+@torch.no_grad()
+def predict_split(model, split, batch_size: int = 16, progress: bool = True, desc: str = "eval") -> dict[str, Any]:
+    """Run the model over a test split: maps (N,H,W), scores (N,), masks (N,H,W), labels, images, paths."""
+    device = next(model.parameters()).device
+    loader = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    maps, scores, masks, labels, images, paths = [], [], [], [], [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress):
+        output = model(batch["image"].to(device))
+        maps.append(output.anomaly_map[:, 0].float().cpu())
+        scores.append(output.image_score.float().cpu())
+        masks.append(batch["mask"][:, 0].float())
+        labels.append(torch.as_tensor(batch["label"]).reshape(-1))
+        images.append(batch["image"])
+        paths.extend(str(p) for p in batch.get("path", [""] * len(batch["image"])))
+    if not maps:
+        raise InputError("test split: no images")
+    return {
+        "maps": torch.cat(maps).numpy(),
+        "scores": torch.cat(scores).numpy(),
+        "masks": torch.cat(masks).numpy(),
+        "labels": torch.cat(labels).numpy(),
+        "images": torch.cat(images),
+        "paths": paths,
+    }
+
+
+def save_overlays(predictions: dict, folder: Path, pixel_threshold: Optional[float] = None) -> list[Path]:
+    """One PNG per test image: image | ground truth | heat map (with the predicted mask's outline)."""
+    from sia.images import tensor_to_pil
+
+    from .visualize import save_overlay_triptych
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    used: set[str] = set()
+    for i, path in enumerate(predictions["paths"]):
+        name = _unique_name(path, i, used)
+        target = folder / f"{name}.png"
+        mask = predictions["masks"][i]
+        save_overlay_triptych(
+            target,
+            tensor_to_pil(predictions["images"][i]),
+            mask if mask.any() else None,
+            predictions["maps"][i],
+            threshold=pixel_threshold,
+            vmin=0.0,
+            vmax=1.0,
+        )
+        written.append(target)
+    return written
+
+
+def _unique_name(path: str, index: int, used: set[str]) -> str:
+    """A file name from the last two path parts (``colour_03``), made unique."""
+    parts = Path(path).with_suffix("").parts[-2:] if path else (f"{index:05d}",)
+    name = "_".join(parts) or f"{index:05d}"
+    base, n = name, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    return name
+
+
+def evaluate(
+    model: Any,
+    data: str | Path,
+    dataset: str = "mvtec-ad",
+    categories: Sequence[Optional[str]] = (),
+    out: Optional[str | Path] = None,
+    batch_size: int = 16,
+    overlays: bool = True,
+    device: Optional[str] = None,
+    progress: bool = True,
+    fpr_limit: float = 0.3,
+) -> dict[str, dict[str, float]]:
+    """Metrics per category (and their mean when there are several); writes ``metrics.json`` and
+    overlays under ``out`` when given."""
+    from .data import load_split
+    from .metrics import evaluate_maps
+
+    if not Path(data).is_dir():
+        raise InputError(f"--data {data}: no such folder")
+    thresholds = load_thresholds(model)
+    net = load_model(model, device=device)
+    size = _model_size(net)
+    results: dict[str, dict[str, float]] = {}
+    names = list(categories) or [None]
+    if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
+        from .data import available_categories
+
+        names = available_categories(data, dataset)
+    for category in names:
+        split = load_split(data, dataset=dataset, category=category, split="test", image_size=size)
+        category = category or Path(data).resolve().name
+        predictions = predict_split(net, split, batch_size=batch_size, progress=progress, desc=f"eval {category}")
+        metrics = evaluate_maps(predictions["maps"], predictions["masks"], predictions["scores"], predictions["labels"], fpr_limit=fpr_limit)
+        metrics["num_images"] = int(len(predictions["scores"]))
+        metrics["num_anomalous"] = int(np.asarray(predictions["labels"]).astype(bool).sum())
+        results[category] = metrics
+        if out is not None and overlays:
+            pixel_threshold = thresholds.get("pixel_threshold") if thresholds else None
+            save_overlays(predictions, Path(out) / "overlays" / category, pixel_threshold)
+    if len(results) > 1:
+        keys = ("image_auroc", "pixel_auroc", "pro")
+        results["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"model": str(model) if not isinstance(model, torch.nn.Module) else type(model).__name__,
+                  "data": str(data), "dataset": dataset, "image_size": list(size), "metrics": results}
+        tmp = folder / (METRICS_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, folder / METRICS_FILE)
+    return results
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table: category | image AUROC | pixel AUROC | PRO."""
+    lines = ["| category | image AUROC | pixel AUROC | PRO |", "|---|---|---|---|"]
+    for name, metrics in results.items():
+        lines.append(f"| {name} | {metrics['image_auroc']:.4f} | {metrics['pixel_auroc']:.4f} | {metrics['pro']:.4f} |")
+    return "\n".join(lines)
