@@ -39,8 +39,7 @@ __all__ = [
     "quantile_threshold",
 ]
 
-_EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), dtype=bool)
-_EIGHT_CONNECTED_PER_IMAGE[1] = True  # 8-connectivity inside each image, never across images
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,12 +134,14 @@ def image_auroc(scores: Any, labels: Any) -> float:
     return _mann_whitney_auroc(np.sort(negatives), positives)
 
 
-def _split_pixels(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted scores of normal pixels, scores of anomalous pixels in raster order)."""
+def _split_pixels(maps: np.ndarray, masks: np.ndarray, sort_normal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(scores of normal pixels, sorted unless ``sort_normal=False``; scores of anomalous pixels in
+    raster order)."""
     flat_maps, flat_masks = maps.reshape(-1), masks.reshape(-1)
-    normal = np.sort(flat_maps[~flat_masks])
-    anomalous = flat_maps[flat_masks]
-    return normal, anomalous
+    normal = flat_maps[~flat_masks]
+    if sort_normal:
+        normal.sort()
+    return normal, flat_maps[flat_masks]
 
 
 def pixel_auroc(maps: Any, masks: Any) -> float:
@@ -160,40 +161,63 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Weight 1/area of its region for every anomalous pixel (raster order), and the region count.
 
     Regions are 8-connected components of each image's mask (``scipy.ndimage.label`` with a 3x3
-    structure, as in the MVTec AD evaluation code); regions never join across images.
+    structure, as in the MVTec AD evaluation code); regions never join across images. Only the
+    bounding box of each image's anomalous pixels is labelled, which keeps this cheap.
     """
-    labels, num_regions = ndimage.label(masks, structure=_EIGHT_CONNECTED_PER_IMAGE)
-    pixel_regions = labels.reshape(-1)[masks.reshape(-1)]
-    areas = np.bincount(pixel_regions, minlength=num_regions + 1).astype(np.float64)
+    rows_any, cols_any = masks.any(axis=2), masks.any(axis=1)
+    region_ids, num_regions = [], 0
+    for index in np.flatnonzero(rows_any.any(axis=1)):
+        rows, cols = np.flatnonzero(rows_any[index]), np.flatnonzero(cols_any[index])
+        crop = masks[index, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        labelled, count = ndimage.label(crop, structure=_EIGHT_CONNECTED)
+        region_ids.append(labelled[crop] + (num_regions - 1))  # raster order of the image's pixels
+        num_regions += count
+    pixel_regions = np.concatenate(region_ids)
+    areas = np.bincount(pixel_regions, minlength=num_regions).astype(np.float64)
     return 1.0 / areas[pixel_regions], num_regions
 
 
-def _pro_segments(normal: np.ndarray, anomalous: np.ndarray, weights: np.ndarray, num_regions: int):
+def _top_normal_scores(normal: np.ndarray, fpr_limit: float, is_sorted: bool) -> np.ndarray:
+    """The highest normal scores, sorted ascending, down to and including the whole tie group
+    that crosses ``fpr_limit`` -- all the PRO integral up to the limit depends on."""
+    needed = min(normal.size, int(np.ceil(fpr_limit * normal.size)))
+    kth = normal.size - needed
+    if is_sorted:
+        return normal[np.searchsorted(normal, normal[kth], side="left") :]
+    if kth == 0:
+        return np.sort(normal)
+    partitioned = np.partition(normal, kth)
+    boundary = partitioned[kth]
+    tied_below = np.count_nonzero(partitioned[:kth] == boundary)
+    return np.concatenate((np.full(tied_below, boundary, dtype=normal.dtype), np.sort(partitioned[kth:])))
+
+
+def _pro_segments(
+    top_normal: np.ndarray, num_normal: int, anomalous: np.ndarray, weights: np.ndarray, num_regions: int
+):
     """The exact PRO curve as one segment per distinct normal score, from the highest score down.
 
-    Lowering the threshold past a distinct normal score ``u`` moves the curve from
-    ``(FPR before u, PRO over pixels > u)`` to ``(FPR including u, PRO over pixels >= u)``; anomalous
-    scores between two normal scores only add vertical steps, which carry no area. Returns
-    ``(fpr_start, fpr_end, pro_start, pro_end)`` arrays.
+    ``top_normal`` holds the highest normal scores (ascending, complete tie groups) out of
+    ``num_normal``. Lowering the threshold past a distinct normal score ``u`` moves the curve from
+    ``(FPR before u, PRO over pixels > u)`` to ``(FPR including u, PRO over pixels >= u)``;
+    anomalous scores between two normal scores only add vertical steps, which carry no area.
+    Returns ``(fpr_start, fpr_end, pro_start, pro_end)`` arrays.
     """
-    boundaries = np.flatnonzero(normal[1:] != normal[:-1]) + 1
-    unique = normal[np.concatenate(([0], boundaries))]
-    counts = np.diff(np.concatenate(([0], boundaries, [normal.size])))
-    # Descending order of thresholds.
-    unique, counts = unique[::-1], counts[::-1]
-    fpr_end = np.cumsum(counts, dtype=np.float64) / normal.size
+    boundaries = np.flatnonzero(top_normal[1:] != top_normal[:-1]) + 1
+    ascending = top_normal[np.concatenate(([0], boundaries))]
+    counts = np.diff(np.concatenate(([0], boundaries, [top_normal.size])))
+    fpr_end = np.cumsum(counts[::-1], dtype=np.float64) / num_normal  # descending thresholds
     fpr_start = np.concatenate(([0.0], fpr_end[:-1]))
-    # PRO over pixels with score >= / > each threshold, via bucket sums of region weights.
-    ascending = unique[::-1]
-    last = unique.size
-    at_or_above = np.searchsorted(ascending, anomalous, side="right")  # thresholds each pixel passes
-    strictly_above = np.searchsorted(ascending, anomalous, side="left")
-    ge = np.bincount(last - at_or_above, weights=weights, minlength=last + 1)
-    gt = np.bincount(last - strictly_above, weights=weights, minlength=last + 1)
-    # Bucket b = number of (descending) thresholds above the pixel's score; the pixel counts for
-    # thresholds b..last-1, so a prefix sum over buckets gives PRO at every threshold.
-    pro_end = np.cumsum(ge)[:last] / num_regions
-    pro_start = np.cumsum(gt)[:last] / num_regions
+    # Bucket b = number of (descending) thresholds above a pixel's score; the pixel counts for
+    # thresholds b..last-1, so a prefix sum over buckets gives PRO at every threshold. Sorted
+    # queries keep the binary searches cache friendly.
+    order = np.argsort(anomalous)
+    anomalous, weights = anomalous[order], weights[order]
+    last = ascending.size
+    at_or_above = last - np.searchsorted(ascending, anomalous, side="right")
+    strictly_above = last - np.searchsorted(ascending, anomalous, side="left")
+    pro_end = np.cumsum(np.bincount(at_or_above, weights=weights, minlength=last + 1)[:last]) / num_regions
+    pro_start = np.cumsum(np.bincount(strictly_above, weights=weights, minlength=last + 1)[:last]) / num_regions
     return fpr_start, fpr_end, pro_start, pro_end
 
 
@@ -207,6 +231,12 @@ def _integrate_pro(fpr_start, fpr_end, pro_start, pro_end, fpr_limit: float) -> 
         pro_at_limit = pro_start[full] + fraction * (pro_end[full] - pro_start[full])
         area += (fpr_limit - fpr_start[full]) * (pro_start[full] + pro_at_limit) / 2.0
     return area / fpr_limit
+
+
+def _pro_from_split(normal, anomalous, masks, fpr_limit: float, normal_is_sorted: bool) -> float:
+    weights, num_regions = _region_weights(masks)
+    top = _top_normal_scores(normal, fpr_limit, normal_is_sorted)
+    return _integrate_pro(*_pro_segments(top, normal.size, anomalous, weights, num_regions), fpr_limit)
 
 
 def _check_fpr_limit(fpr_limit: float) -> float:
@@ -224,7 +254,7 @@ def pro_curve(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     normal, anomalous = _split_pixels(maps, masks)
     _require_both_classes(anomalous.size, normal.size, "pro_curve")
     weights, num_regions = _region_weights(masks)
-    fpr_start, fpr_end, pro_start, pro_end = _pro_segments(normal, anomalous, weights, num_regions)
+    fpr_start, fpr_end, pro_start, pro_end = _pro_segments(normal, normal.size, anomalous, weights, num_regions)
     fpr = np.concatenate(([0.0], np.repeat(fpr_end, 2)))
     fpr[1::2] = fpr_start
     pro = np.concatenate(([0.0], np.stack([pro_start, pro_end], axis=1).reshape(-1)))
@@ -244,10 +274,9 @@ def pro_score(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     fpr_limit = _check_fpr_limit(fpr_limit)
     maps = _as_maps(maps, "maps")
     masks = _as_binary_masks(masks, "masks", maps.shape)
-    normal, anomalous = _split_pixels(maps, masks)
+    normal, anomalous = _split_pixels(maps, masks, sort_normal=False)
     _require_both_classes(anomalous.size, normal.size, "pro_score")
-    weights, num_regions = _region_weights(masks)
-    return _integrate_pro(*_pro_segments(normal, anomalous, weights, num_regions), fpr_limit)
+    return _pro_from_split(normal, anomalous, masks, fpr_limit, normal_is_sorted=False)
 
 
 def evaluate_maps(
@@ -276,8 +305,7 @@ def evaluate_maps(
     normal, anomalous = _split_pixels(maps, masks)
     _require_both_classes(anomalous.size, normal.size, "evaluate_maps (pixels)")
     result["pixel_auroc"] = _mann_whitney_auroc(normal, anomalous)
-    weights, num_regions = _region_weights(masks)
-    result["pro"] = _integrate_pro(*_pro_segments(normal, anomalous, weights, num_regions), fpr_limit)
+    result["pro"] = _pro_from_split(normal, anomalous, masks, fpr_limit, normal_is_sorted=True)
     return result
 
 

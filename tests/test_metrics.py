@@ -91,6 +91,15 @@ def test_pro_matches_brute_force_reference(seed, levels, fpr_limit):
     )
 
 
+@pytest.mark.parametrize("fpr_limit", [0.01, 0.1, 0.3, 0.77, 1.0])
+def test_pro_paths_agree_on_tied_scores(fpr_limit):
+    # pro_score partitions the unsorted normal scores; evaluate_maps reuses a full sort.
+    maps, masks = random_case(4, 3)
+    expected = brute_force_pro(maps, masks, fpr_limit)
+    assert pro_score(maps, masks, fpr_limit) == pytest.approx(expected, abs=1e-10)
+    assert evaluate_maps(maps, masks, fpr_limit=fpr_limit)["pro"] == pytest.approx(expected, abs=1e-10)
+
+
 def test_pro_counts_diagonal_neighbours_as_one_region():
     # An L of 3 pixels plus one pixel touching it only at a corner: ONE region of 4 pixels.
     masks = np.zeros((1, 6, 6), dtype=np.uint8)
