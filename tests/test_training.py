@@ -1,0 +1,265 @@
+"""End-to-end RealNet training on tiny generated data (random resnet18, 64 px, a few iterations)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from realnet import data as realnet_data
+from realnet.evaluation import evaluate
+from realnet.model import RealNet
+from realnet.training import TrainingConfig, split_holdout, train
+from sia.errors import InputError
+
+TINY_MODEL = dict(
+    backbone_pretrained=False,
+    layers=[1, 2],
+    afs_channels=[8, 16],
+    recon_channel_mult=[1, 2],
+    recon_attention_mult=[2],
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; every test gets a clean one."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth grey texture with faint stripes: the 'normal' product surface."""
+    coarse = rng.normal(0.0, 1.0, (size // 8, size // 8, 3)) * 20 + 128
+    image = np.asarray(Image.fromarray(coarse.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), dtype=float)
+    return image + 10 * np.sin(np.arange(size)[:, None, None] / 3.0)
+
+
+def make_dataset(root: Path, n_train: int = 12, n_good: int = 6, n_bad: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """MVTec-style category folder with dark or bright round defects planted in the test images."""
+    rng = np.random.default_rng(seed)
+    for folder in ("train/good", "test/good", "test/blob", "ground_truth/blob"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(_texture(rng, size).clip(0, 255).astype(np.uint8)).save(root / f"train/good/{i:03d}.png")
+    for i in range(n_good):
+        Image.fromarray(_texture(rng, size).clip(0, 255).astype(np.uint8)).save(root / f"test/good/{i:03d}.png")
+    yy, xx = np.ogrid[:size, :size]
+    for i in range(n_bad):
+        image = _texture(rng, size)
+        radius = int(rng.integers(size // 10, size // 6))
+        cy, cx = rng.integers(radius, size - radius, 2)
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
+        image[blob] = rng.choice([25.0, 230.0]) + rng.normal(0, 5, (int(blob.sum()), 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / f"test/blob/{i:03d}.png")
+        Image.fromarray(blob.astype(np.uint8) * 255).save(root / f"ground_truth/blob/{i:03d}_mask.png")
+    return root
+
+
+def make_texture_folder(root: Path, per_class: int = 3, size: int = 48, seed: int = 1) -> Path:
+    """A DTD-like source folder, ``<class>/<image>``, of strongly coloured noise textures."""
+    rng = np.random.default_rng(seed)
+    for name in ("spotted", "noisy"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = rng.uniform(0, 255, 3) + rng.normal(0, 40, (size, size, 3))
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root / "widget")
+    return root
+
+
+@pytest.fixture(scope="module")
+def texture_source(tmp_path_factory) -> str:
+    return "dtd:" + str(make_texture_folder(tmp_path_factory.mktemp("dtd")))
+
+
+def tiny_config(data_root: Path, output: Path, **changes) -> TrainingConfig:
+    settings = dict(
+        data=str(data_root), output=str(output), source="cutpaste", dataset="mvtec-ad", categories=["widget"],
+        recipe="fast", backbone="resnet18", image_size=64, iterations=3, batch_size=4, afs_batches=1,
+        model_kwargs=dict(TINY_MODEL), validation_fraction=0.25, checkpoint_every=0, progress=False, cpu=True, log_every=1,
+    )
+    settings.update(changes)
+    return TrainingConfig(**settings)
+
+
+@pytest.mark.parametrize("recipe", ["paper", "fast"])
+def test_both_recipes_train_end_to_end(data_root, tmp_path, recipe):
+    model_dir = train(tiny_config(data_root, tmp_path / "run", recipe=recipe))
+    assert model_dir == tmp_path / "run" / "model"
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["status"] == "finished" and run["recipe"]["name"] == recipe and run["total_iterations"] == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["iteration"] == 3 and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    thresholds = json.loads((model_dir / "thresholds.json").read_text())
+    assert 0.0 <= thresholds["image_threshold"] <= 1.0 and 0.0 <= thresholds["pixel_threshold"] <= 1.0
+    assert thresholds["calibration_images"] == 3 and "held-out" in thresholds["calibrated_on"]
+    model = RealNet.from_pretrained(str(model_dir))
+    assert model.afs_ready
+    assert model.standardize_features == (recipe == "fast") == model.feature_statistics_ready
+    output = model.predict(torch.rand(2, 3, 64, 64))
+    assert output.anomaly_map.shape == (2, 1, 64, 64)
+
+
+def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp_path, monkeypatch):
+    seen: list[torch.Tensor] = []
+    original_fit = RealNet.fit_feature_statistics
+    original_load = realnet_data.load_split
+    splits: list[str] = []
+
+    def recording_fit(self, batches, *args, **kwargs):
+        def record():
+            for batch in batches:
+                seen.append(batch.detach().cpu().clone())
+                yield batch
+        return original_fit(self, record(), *args, **kwargs)
+
+    def recording_load(*args, **kwargs):
+        splits.append(kwargs.get("split", "train"))
+        return original_load(*args, **kwargs)
+
+    monkeypatch.setattr(RealNet, "fit_feature_statistics", recording_fit)
+    monkeypatch.setattr(realnet_data, "load_split", recording_load)
+    config = tiny_config(data_root, tmp_path / "run", recipe="fast")
+    model_dir = train(config)
+    assert splits and set(splits) == {"train"}
+
+    used = torch.cat(seen)
+    normal = original_load(data_root, "mvtec-ad", "widget", "train", image_size=64)
+    train_ids, holdout_ids = split_holdout(len(normal), config.validation_fraction, config.seed)
+    expected = torch.stack([normal[i]["image"] for i in train_ids])
+    held_out = torch.stack([normal[i]["image"] for i in holdout_ids])
+    assert used.shape[0] == expected.shape[0]
+    # every image is a clean training image (sorted to ignore order), none is held out or anomalous
+    key = lambda images: sorted(images.flatten(1).sum(1).tolist())  # noqa: E731
+    assert key(used) == pytest.approx(key(expected))
+    assert not any(torch.equal(u, h) for u in used for h in held_out)
+
+    model = RealNet.from_pretrained(str(model_dir))
+    features = model.backbone(expected)
+    mean0, std0 = model.standardizer.statistics(0)
+    assert torch.allclose(mean0, features[0].mean(dim=(0, 2, 3)), atol=1e-4)
+    assert torch.allclose(std0, features[0].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-5), atol=1e-4)
+    state = load_file(str(model_dir / "model.safetensors"))
+    assert any(k.startswith("standardizer.mean") for k in state)
+
+
+def test_short_training_on_planted_defects_beats_chance(data_root, tmp_path, texture_source):
+    torch.manual_seed(0)
+    config = tiny_config(data_root, tmp_path / "run", source=texture_source, iterations=40, batch_size=8, afs_batches=2)
+    model_dir = train(config)
+    metrics = evaluate(model_dir, data_root, categories=["widget"], progress=False)["widget"]
+    assert metrics["image_auroc"] >= 0.75, metrics
+    assert metrics["pixel_auroc"] >= 0.8, metrics
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_path):
+    straight = train(tiny_config(data_root, tmp_path / "straight", iterations=6, checkpoint_every=2))
+
+    def stop_at_five(model, iteration):
+        if iteration == 5:
+            raise _Interrupt()
+        return {}
+
+    config = tiny_config(data_root, tmp_path / "resumed", iterations=6, checkpoint_every=2)
+    with pytest.raises(_Interrupt):
+        train(config, evaluate=stop_at_five, evaluate_every=1)
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints[-1] == "iteration_00000004"
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(InputError, match="--resume"):
+        train(config)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = train(tiny_config(data_root, tmp_path / "resumed", iterations=6, checkpoint_every=2, resume=True))
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "loss" in r][-2:] == [5, 6]
+
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(InputError, match="--overwrite"):
+        train(tiny_config(data_root, tmp_path / "resumed", iterations=6))
+
+
+def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch):
+    original_load = realnet_data.load_split
+
+    def no_test_data(*args, **kwargs):
+        if kwargs.get("split") == "test":
+            raise AssertionError("training must not read the test split")
+        return original_load(*args, **kwargs)
+
+    monkeypatch.setattr(realnet_data, "load_split", no_test_data)
+    model_dir = train(tiny_config(data_root, tmp_path / "run", iterations=4, validate_every=2, select="best"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    validations = [r for r in log if "val_score" in r]
+    assert [r["iteration"] for r in validations] == [2, 4]
+    best = max(validations, key=lambda r: (r["val_score"], r["iteration"]))
+    selected = json.loads((model_dir / "thresholds.json").read_text())["selected"]
+    assert selected == {"rule": "best", "iteration": best["iteration"]}
+
+
+def test_unified_training_on_several_categories(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root / "alpha", n_train=6, n_good=1, n_bad=1, seed=1)
+    make_dataset(root / "beta", n_train=6, n_good=1, n_bad=1, seed=2)
+    model_dir = train(tiny_config(root, tmp_path / "run", categories=["alpha", "beta"], iterations=2))
+    thresholds = json.loads((model_dir / "thresholds.json").read_text())
+    assert thresholds["calibration_images"] == 4  # 2 held out per category
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(categories=["missing"]), "no such category folder"),
+        (dict(backbone="not_a_backbone"), "backbone"),
+        (dict(model_kwargs=dict(TINY_MODEL, afs_channels=[8, 999])), "afs_channels"),
+        (dict(recipe="turbo"), "unknown recipe"),
+        (dict(source="dtd:/no/such/folder"), "folder"),
+        (dict(select="best", validation_fraction=0.0), "--select best"),
+    ],
+)
+def test_bad_training_inputs_are_one_line_errors(data_root, tmp_path, changes, message):
+    with pytest.raises(InputError, match=message) as info:
+        train(tiny_config(data_root, tmp_path / "run", **changes))
+    assert "\n" not in str(info.value)
+
+
+def test_empty_or_corrupt_training_images_are_input_errors(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "widget" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(InputError):
+        train(tiny_config(empty, tmp_path / "run1"))
+    corrupt = make_dataset(tmp_path / "corrupt" / "widget", n_train=4, n_good=1, n_bad=1)
+    (corrupt / "train" / "good" / "001.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="001.png"):
+        train(tiny_config(tmp_path / "corrupt", tmp_path / "run2", validation_fraction=0.0))
