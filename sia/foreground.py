@@ -207,8 +207,9 @@ def _morph(x: np.ndarray, k: int, dilate: bool, mirrored: bool) -> np.ndarray:
     if mirrored:
         before, after = after, before
     op = np.logical_or if dilate else np.logical_and
-    pad = ((0, 0), (before, after), (before, after))
-    padded = np.pad(x, pad, constant_values=not dilate)
+    batch, height, width = x.shape
+    padded = np.full((batch, height + k - 1, width + k - 1), not dilate, dtype=bool)
+    padded[:, before : before + height, before : before + width] = x
     return _window_reduce(_window_reduce(padded, k, 1, op), k, 2, op)
 
 

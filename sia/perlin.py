@@ -14,6 +14,7 @@ element-wise definition (see ``perlin_noise_reference`` and the tests).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,28 +28,33 @@ def _fade(t: torch.Tensor) -> torch.Tensor:
     return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
 
 
-def _axis_weights(size: int, res: torch.Tensor, lattice: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis interpolation matrices, shape (B, size, lattice) each.
+@functools.lru_cache(maxsize=512)
+def _axis_matrices(size: int, res: int, lattice: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interpolation matrices of one axis, shape (size, lattice) each (cached: few distinct inputs).
 
-    ``plain[b, i, c]`` holds the fade weight of lattice line ``c`` for pixel ``i`` (``1 - f`` on the
+    ``plain[i, c]`` holds the fade weight of lattice line ``c`` for pixel ``i`` (``1 - f`` on the
     lower line, ``f`` on the upper one); ``ramp`` holds the same weights multiplied by the signed
     distance to that line (``t`` and ``t - 1``), i.e. the factor that meets the gradient component
     along this axis.
     """
-    batch = res.shape[0]
-    position = torch.arange(size, dtype=torch.float64)[None, :] * (res[:, None].double() / size)
+    position = torch.arange(size, dtype=torch.float64) * (res / size)
     cell = position.floor()
     frac = (position - cell).float()
-    cell = cell.long()
+    lower = cell.long()[:, None]
     fade = _fade(frac)
-    plain = torch.zeros(batch, size, lattice)
-    ramp = torch.zeros(batch, size, lattice)
-    lower = cell[..., None]
-    plain.scatter_(2, lower, (1.0 - fade)[..., None])
-    plain.scatter_(2, lower + 1, fade[..., None])
-    ramp.scatter_(2, lower, ((1.0 - fade) * frac)[..., None])
-    ramp.scatter_(2, lower + 1, (fade * (frac - 1.0))[..., None])
+    plain = torch.zeros(size, lattice)
+    ramp = torch.zeros(size, lattice)
+    plain.scatter_(1, lower, (1.0 - fade)[:, None])
+    plain.scatter_(1, lower + 1, fade[:, None])
+    ramp.scatter_(1, lower, ((1.0 - fade) * frac)[:, None])
+    ramp.scatter_(1, lower + 1, (fade * (frac - 1.0))[:, None])
     return plain, ramp
+
+
+def _axis_weights(size: int, res: torch.Tensor, lattice: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample interpolation matrices of one axis, shape (B, size, lattice) each."""
+    pairs = [_axis_matrices(size, int(r), lattice) for r in res.tolist()]
+    return torch.stack([p for p, _ in pairs]), torch.stack([r for _, r in pairs])
 
 
 def perlin_noise(
@@ -102,6 +108,12 @@ def perlin_noise_reference(height: int, width: int, res_y: int, res_x: int, angl
     return (math.sqrt(2.0) * (top + fx * (bottom - top))).float()
 
 
+@functools.lru_cache(maxsize=64)
+def _pixel_centres(size: int) -> torch.Tensor:
+    """Normalised pixel-centre coordinates along one axis (``align_corners=False`` convention)."""
+    return (torch.arange(size, dtype=torch.float32) * 2.0 + 1.0) / size - 1.0
+
+
 def rotate_batch(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor:
     """Rotate each (B, C, H, W) image about its centre by its own angle; bilinear, zero fill.
 
@@ -111,9 +123,7 @@ def rotate_batch(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor
     batch, _, height, width = images.shape
     theta = torch.deg2rad(angles_deg.float().reshape(batch))
     cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]  # (B, 1, 1)
-    # Normalised pixel-centre coordinates (align_corners=False) and their pixel-unit extents.
-    xs = (torch.arange(width, dtype=torch.float32) * 2.0 + 1.0) / width - 1.0
-    ys = (torch.arange(height, dtype=torch.float32) * 2.0 + 1.0) / height - 1.0
+    xs, ys = _pixel_centres(width), _pixel_centres(height)
     aspect = width / height
     # Output pixel (x, y) samples the input at R(theta) (x, y), rotation taken in pixel units;
     # the (B, H, W, 2) grid is one broadcast sum of a per-column and a per-row part.
