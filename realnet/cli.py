@@ -118,3 +118,26 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- realnet convert-official -------------------------------------------------------------------
+@app.command("convert-official")
+@report_input_errors
+def convert_official_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Official RealNet checkpoint (ckpt_best.pth.tar of cnulab/RealNet).")],
+    output: Annotated[Path, typer.Argument(help="Model folder to write (config.json, model.safetensors, README.md).")],
+    backbone: Annotated[Optional[str], typer.Option(help="timm backbone of the checkpoint; default: read from its "
+                                                    "arch entry or recognised from the weights.")] = None,
+    image_size: Annotated[int, typer.Option(help="Square image size the model was trained at (official: 256).")] = 256,
+    dataset: Annotated[Optional[str], typer.Option(help="Benchmark it was trained on (mvtec-ad, visa, mpdd, btad), "
+                                                   "for the model card's licence and citations.")] = None,
+    category: Annotated[Optional[str], typer.Option(help="Category it was trained on, for the model card.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Convert an official RealNet checkpoint into a RealNet model folder (from_pretrained-ready)."""
+    from .convert import convert_official_realnet
+
+    facts = {k: v for k, v in {"dataset": dataset, "category": category}.items() if v}
+    convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
+                             card_facts=facts)
+    typer.echo(f"RealNet model: {output} (load with RealNet.from_pretrained)")

@@ -165,3 +165,67 @@ def preview_command(
     path = save_preview(out, overwrite=overwrite, images=images, source=source, category=category, n=n, seed=seed,
                         size=size)
     typer.echo(f"preview: {path}")
+
+
+# --- sia push / sia convert-official ------------------------------------------------------------
+from typing import Optional as _Optional  # noqa: E402
+
+
+@app.command("push")
+@_report_input_errors
+def push_command(
+    folder: _Annotated[_Path, typer.Argument(help="SIA folder to publish: the output of `sia generate` or of "
+                                             "`sia convert-official` (<category>/* images + metadata.jsonl).")],
+    repo_id: _Annotated[str, typer.Option("--repo-id", help="Hub dataset repo ORG/NAME (created if missing).")],
+    private: _Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: _Annotated[_Optional[str], typer.Option("--revision", help="Branch to upload to (created if missing); "
+                                                      "default: main.")] = None,
+    dataset: _Annotated[_Optional[str], typer.Option("--dataset", help="Source benchmark (mvtec-ad, visa, mpdd, btad) "
+                                                     "for the card's licence and citations; default: guessed from "
+                                                     "the category names.")] = None,
+    license: _Annotated[_Optional[str], typer.Option("--license", help="Licence id for sets made from custom data "
+                                                     "(benchmark sets always inherit cc-by-nc-sa-4.0).")] = None,
+    max_shard_size: _Annotated[str, typer.Option("--max-shard-size", help="Largest parquet shard, e.g. 500MB.")] = "500MB",
+    stage_only: _Annotated[_Optional[_Path], typer.Option("--stage-only", help="Only build the upload (parquet "
+                                                          "shards + README.md card) in this folder; no network.")] = None,
+    overwrite: _Annotated[bool, typer.Option("--overwrite", help="With --stage-only: replace a non-empty folder.")] = False,
+) -> None:
+    """Publish an SIA folder as a Hub dataset: data/<category>/train-*.parquet + a dataset card."""
+    from .hub import push_sia_dataset, stage_sia_dataset
+
+    if stage_only is not None:
+        staged = stage_sia_dataset(folder, stage_only, dataset=dataset, repo_id=repo_id, revision=revision,
+                                   max_shard_size=max_shard_size, license=license, overwrite=overwrite)
+        typer.echo(f"staged: {staged} (upload with `huggingface-cli upload {repo_id} {staged} --repo-type dataset`)")
+        return
+    url = push_sia_dataset(folder, repo_id, private=private, revision=revision, dataset=dataset,
+                           max_shard_size=max_shard_size, license=license)
+    typer.echo(f"pushed: {url}")
+
+
+@app.command("convert-official")
+@_report_input_errors
+def convert_official_command(
+    source: _Annotated[_Path, typer.Argument(help="An official SDAS diffusion checkpoint (.pt / .pth.tar, e.g. the "
+                                             "MVTec-AD epoch-240 EMA weights) or an official SIA folder "
+                                             "(<DS>/sdas with one sub-folder of .jpg per category).")],
+    output: _Annotated[_Path, typer.Argument(help="Folder to write: an SDASPipeline (checkpoint) or an SIA set "
+                                             "(folder).")],
+    dataset: _Annotated[str, typer.Option("--dataset", help="Benchmark the source belongs to (mvtec-ad, visa, mpdd, "
+                                          "btad): fixes the category order = class ids, licence and citations.")] = "mvtec-ad",
+    image_size: _Annotated[int, typer.Option("--image-size", help="Image size the diffusion model was trained "
+                                             "at (official: 256).")] = 256,
+    head_channels: _Annotated[int, typer.Option("--head-channels", help="Attention head width of the UNet "
+                                                "(official: 64).")] = 64,
+    overwrite: _Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Convert official RealNet releases: diffusion checkpoint -> SDASPipeline, SIA images -> SIA set."""
+    from .convert import convert_official_sdas, convert_official_sia
+
+    if source.is_dir():
+        out = convert_official_sia(source, output, dataset=dataset, overwrite=overwrite)
+        typer.echo(f"SIA set: {out} (load with sia.load_sia, publish with `sia push`)")
+    else:
+        out = convert_official_sdas(source, output, dataset=dataset, sample_size=image_size,
+                                    num_head_channels=head_channels, overwrite=overwrite)
+        typer.echo(f"SDAS pipeline: {out} (load with SDASPipeline.from_pretrained)")

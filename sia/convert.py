@@ -14,6 +14,7 @@ nor full unpickling is needed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ __all__ = [
     "convert_adm_unet",
     "convert_official_sdas",
     "describe_key_mismatch",
+    "convert_official_sia",
 ]
 
 
@@ -392,4 +394,56 @@ def convert_official_sdas(
     }
     facts.update(card_facts or {})
     write_model_card(output_dir, "sdas", **facts)
+    return output_dir
+
+
+def convert_official_sia(
+    source: str | Path,
+    output_dir: str | Path,
+    dataset: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Turn an official SIA release folder (`<DS>/sdas/<class>/*.jpg`) into an SIA set folder.
+
+    The output has the layout `sia generate` writes (`<category>/<file>` + `metadata.jsonl`), so
+    `load_sia`, `sia push` and the `sia:` anomaly source read it. Images are copied byte for byte.
+    The official sampler recorded neither the strength (drawn per batch of 16 from U(0.1, 0.2))
+    nor a seed, so both are null.
+    """
+    import shutil
+
+    from .hub import write_sia_metadata
+    from .images import IMAGE_EXTENSIONS
+
+    source, output_dir = Path(source), Path(output_dir)
+    if not source.is_dir():
+        raise InputError(f"{source}: official SIA folder does not exist")
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if dataset is not None:
+        dataset = resolve_dataset(dataset)
+        unknown = [p.name for p in folders if p.name not in DATASET_CATEGORIES[dataset]]
+        if unknown:
+            raise InputError(f"{source}: folders {', '.join(unknown)} are not {dataset} categories")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{output_dir}: output folder is not empty (pass overwrite=True / --overwrite)")
+        shutil.rmtree(output_dir)
+    rows = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            continue
+        (output_dir / folder.name).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, output_dir / folder.name / path.name)
+            rows.append({"file_name": f"{folder.name}/{path.name}", "category": folder.name,
+                         "strength": None, "seed": None})
+    if not rows:
+        raise InputError(f"{source}: no images found (expected <category>/*.jpg as in the official release)")
+    write_sia_metadata(output_dir, rows)
+    (output_dir / "generation.json").write_text(json.dumps({
+        "generator": "official RealNet SDAS release (cnulab/RealNet)", "sampler": "IDDPM, 20 respaced steps",
+        "strength": "U(0.1, 0.2) per batch of 16, not recorded per image", "format": "JPEG (quality 75)",
+        **({"dataset": dataset} if dataset else {}),
+    }, indent=2), encoding="utf-8")
     return output_dir

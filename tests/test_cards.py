@@ -1,0 +1,163 @@
+"""Model/dataset cards render from the shipped templates with real facts; CLI entry points work offline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import DatasetCard, ModelCard
+from PIL import Image
+from typer.testing import CliRunner
+
+from sia.cards import (
+    CARD_TEMPLATES,
+    dataset_facts,
+    render_dataset_card,
+    render_model_card,
+    template_path,
+    write_model_card,
+)
+from sia.categories import DATASET_CATEGORIES
+from sia.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from official_adm import OfficialADM, randomize_  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_templates_ship_inside_the_package():
+    for kind, name in CARD_TEMPLATES.items():
+        path = template_path(kind)
+        assert path.is_file() and path.parent == ROOT / "sia" / "assets" / "cards"
+        assert path.read_text(encoding="utf-8").startswith("---\n{{ card_data }}\n---")
+        assert name in (ROOT / "cards" / "README.md").read_text(encoding="utf-8")
+    with pytest.raises(InputError):
+        template_path("nope")
+
+
+def test_realnet_card_carries_measured_metrics():
+    from realnet.metrics import image_auroc
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 20 + [1] * 20)
+    scores = labels * 0.6 + rng.random(40)
+    auroc = image_auroc(scores, labels)
+    assert 0.5 < auroc < 1.0
+    card = render_model_card("realnet", repo_id="acme/realnet-bottle", dataset="MVTec-AD", category="bottle",
+                             metrics={"image_auroc": auroc}, training={"recipe": "fast", "iterations": 300},
+                             revision="v1")
+    parsed = ModelCard(str(card))
+    assert parsed.data.license == "cc-by-nc-sa-4.0" and parsed.data.library_name == "realnet"
+    result = parsed.data.eval_results[0]
+    assert result.metric_type == "image_auroc" and result.metric_value == pytest.approx(auroc, abs=1e-6)
+    assert result.dataset_config == "bottle" and result.dataset_split == "test"
+    text = str(card)
+    assert f"| Image AUROC | {100 * auroc:.1f} |" in text
+    assert 'RealNet.from_pretrained("acme/realnet-bottle", revision="v1")' in text
+    assert "zhang2024realnet" in text and "Ximiao" in text and "| iterations | 300 |" in text
+
+
+def test_unevaluated_card_says_so_and_percentages_convert():
+    text = str(render_model_card("realnet", dataset="visa", category="pcb1"))
+    assert "has not been evaluated" in text and "model-index" not in text and "zou2022spot" in text
+    card = ModelCard(str(render_model_card("realnet", dataset="btad", metrics={"pixel_auroc": 97.9})))
+    assert card.data.eval_results[0].metric_value == pytest.approx(0.979)
+    with pytest.raises(InputError):
+        render_model_card("realnet", metrics={"pro": 250})
+
+
+def test_licence_follows_the_source_data():
+    assert dataset_facts("mpdd")["license"] == "cc-by-nc-sa-4.0"
+    with pytest.raises(InputError, match="cannot be released as mit"):
+        dataset_facts("mvtec-ad", license="mit")
+    custom = dataset_facts("my-factory")
+    assert custom["license"] == "other" and "source images" in custom["licence_text"]
+    assert dataset_facts("my-factory", license="apache-2.0")["license"] == "apache-2.0"
+
+
+def test_sdas_card_lists_categories_in_class_id_order(tmp_path):
+    card = render_model_card("sdas", repo_id="acme/sdas-visa", dataset="visa")
+    text = str(card)
+    assert ModelCard(text).data.library_name == "diffusers"
+    positions = [text.index(f"{i}: `{name}`") for i, name in enumerate(DATASET_CATEGORIES["visa"])]
+    assert positions == sorted(positions)
+
+
+def test_dataset_card_configs_per_category():
+    card = render_dataset_card({"01": 10, "02": 1200, "03": 5}, dataset="btad", repo_id="acme/sia-btad")
+    data = DatasetCard(str(card)).data
+    assert data.license == "cc-by-nc-sa-4.0" and data.size_categories == ["1K<n<10K"]
+    assert [c["config_name"] for c in data.configs] == ["01", "02", "03"]
+    assert data.configs[1]["data_files"] == [{"split": "train", "path": "data/02/train-*"}]
+    assert "mishra2021vtadl" in str(card)
+
+
+def test_write_model_card_into_a_saved_pipeline(tmp_path):
+    from sia.pipeline import SDASPipeline
+
+    pipe = SDASPipeline.from_unet_preset("tiny-32", ["bottle", "cable"])
+    pipe.save_pretrained(tmp_path / "pipe")
+    path = write_model_card(tmp_path / "pipe", "sdas", categories=pipe.categories, image_size=32,
+                            training={"steps": 10, "batch_size": 2})
+    card = ModelCard.load(path)
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert "| steps | 10 |" in card.text and "0: `bottle`, 1: `cable`" in card.text
+    with pytest.raises(InputError):
+        write_model_card(tmp_path / "absent", "sdas", categories=["a"])
+
+
+# ------------------------------------------------------------------ CLI commands (offline)
+
+
+def test_cli_push_stage_only_and_convert_official_sia(tmp_path):
+    from sia.cli import app
+    from sia.hub import load_sia
+
+    official = tmp_path / "MVTec-AD" / "sdas"
+    rng = np.random.default_rng(0)
+    for category in ("bottle", "zipper"):
+        (official / category).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(official / category / f"rank0_{i}.jpg")
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert-official", str(official), str(tmp_path / "sia"), "--dataset", "mvtec-ad"])
+    assert result.exit_code == 0, result.output
+    ds = load_sia(tmp_path / "sia", category="zipper")
+    assert len(ds) == 2 and ds["strength"] == [None, None]
+    assert (tmp_path / "sia" / "zipper" / "rank0_1.jpg").read_bytes() == (official / "zipper" / "rank0_1.jpg").read_bytes()
+
+    result = runner.invoke(app, ["push", str(tmp_path / "sia"), "--repo-id", "acme/sia-mvtec", "--stage-only",
+                                 str(tmp_path / "stage")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "stage" / "data" / "zipper" / "train-00000-of-00001.parquet").is_file()
+    card = DatasetCard.load(tmp_path / "stage" / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and "not recorded per image" in card.text
+
+    result = runner.invoke(app, ["convert-official", str(official), str(tmp_path / "other"), "--dataset", "visa"])
+    assert result.exit_code == 2 and "not visa categories" in result.output
+
+
+def test_cli_convert_official_sdas_checkpoint(tmp_path):
+    from sia.cli import app
+    from sia.pipeline import SDASPipeline
+
+    reference = randomize_(OfficialADM(num_classes=3), torch.Generator().manual_seed(0)).eval()
+    path = tmp_path / "btad_diffusion_ckpt_epoch_240.pt"
+    torch.save({"epoch": 240, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    result = CliRunner().invoke(app, ["convert-official", str(path), str(tmp_path / "pipe"), "--dataset", "btad",
+                                      "--image-size", "16", "--head-channels", "32"])
+    assert result.exit_code == 0, result.output
+    pipe = SDASPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.categories == ["01", "02", "03"]
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.tensor([2, 0])
+    with torch.no_grad():
+        assert (pipe.unet(x, t, class_labels=y).sample - reference(x, t, y)).abs().max().item() < 1e-4
+    assert "epoch 240" in (tmp_path / "pipe" / "README.md").read_text(encoding="utf-8")
+
+    wrong = CliRunner().invoke(app, ["convert-official", str(path), str(tmp_path / "pipe2"), "--dataset", "mvtec-ad",
+                                     "--image-size", "16", "--head-channels", "32"])
+    assert wrong.exit_code == 2 and "3 classes but 15 categories" in wrong.output
