@@ -229,3 +229,22 @@ def convert_official_command(
         out = convert_official_sdas(source, output, dataset=dataset, sample_size=image_size,
                                     num_head_channels=head_channels, overwrite=overwrite)
         typer.echo(f"SDAS pipeline: {out} (load with SDASPipeline.from_pretrained)")
+
+
+# --- sia demo -----------------------------------------------------------------------------------
+@app.command("demo")
+@_report_input_errors
+def demo_command(
+    out: _Annotated[_Path, typer.Option("--out", help="Folder for the pictures, models and summary.json "
+                                        "(must be empty or new, unless --overwrite).")] = _Path("sia-demo"),
+    preset: _Annotated[str, typer.Option("--preset", help="quick (about 5 minutes on 2 CPU cores, the README "
+                                         "pictures), tiny (about a minute, rough) or test (seconds, smoke test).")] = "quick",
+    seed: _Annotated[int, typer.Option("--seed", help="Seed of every stage; the same seed gives the same run.")] = 0,
+    overwrite: _Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out folder, replacing an "
+                                             "earlier demo's files (other files are left alone).")] = False,
+) -> None:
+    """Run the whole pipeline offline on bundled hazelnut photos: train SDAS, sweep strengths, generate
+    anomalies, train RealNet, evaluate on real defects (image/pixel AUROC, PRO) and draw pictures."""
+    from .demo import run_demo
+
+    run_demo(out=out, preset=preset, seed=seed, overwrite=overwrite, echo=typer.echo)
