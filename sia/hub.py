@@ -470,11 +470,15 @@ def stage_sia_dataset(
             dataset = resolve_dataset(dataset)
         except InputError:
             pass  # a custom data set: its name is used as given
-    if generation is None and (source / "generation.json").is_file():
-        try:
-            generation = json.loads((source / "generation.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise InputError(f"{source / 'generation.json'}: not valid JSON") from None
+    if generation is None:
+        # `sia convert-official` writes generation.json, `sia generate` writes .sia/settings.json
+        for candidate in (source / "generation.json", source / ".sia" / "settings.json"):
+            if candidate.is_file():
+                try:
+                    generation = json.loads(candidate.read_text(encoding="utf-8"))
+                except json.JSONDecodeError:
+                    raise InputError(f"{candidate}: not valid JSON") from None
+                break
 
     has_mask = any(r.mask is not None for r in records)
     limit = _parse_size(max_shard_size)
