@@ -368,7 +368,9 @@ def make_source(spec: str | Path | AnomalySource, category: str | None = None, c
         return CutPasteSource()
     kind, sep, rest = text.partition(":")
     if sep and kind.lower() == "sia":
-        return SIASource(rest, category=category, cache_size=cache_size)
+        from .hub import open_sia_images  # local folder, parquet folder, Hub id or alias
+
+        return SIASource(open_sia_images(rest, category), category=category, cache_size=cache_size)
     if sep and kind.lower() == "dtd":
         return DTDSource(rest, cache_size=cache_size)
     if Path(text).is_dir():
