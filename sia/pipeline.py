@@ -122,8 +122,8 @@ class SDASPipeline(DiffusionPipeline):
         if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high < low:
             raise InputError(f"strength must satisfy 0 <= min <= max, got {strength!r}")
         if low == high:
-            return torch.full((count,), low, dtype=torch.float32)
-        return (low + (high - low) * _draw_uniform(count, generator).double()).float()
+            return torch.full((count,), low, dtype=torch.float64)
+        return low + (high - low) * _draw_uniform(count, generator).double()
 
     def _class_ids(self, category, num_images: int | None) -> list[int]:
         if isinstance(category, (str, int)):
@@ -203,7 +203,7 @@ class SDASPipeline(DiffusionPipeline):
                     raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
                                      "use SDASScheduler or SDASDDIMScheduler")
                 labels = torch.tensor(class_ids[start:stop], device=device, dtype=torch.long)
-                step_kwargs = {"anomaly_strength": s.to(device)} if accepts_strength else {}
+                step_kwargs = {"anomaly_strength": s.to(device=device, dtype=torch.float32)} if accepts_strength else {}
                 for t in timesteps:
                     model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
                     x = self.scheduler.step(model_output.float(), t, x, generator=gen, **step_kwargs).prev_sample

@@ -1,0 +1,119 @@
+"""Speed and memory of SDAS sampling (`sia.SDASPipeline` components) on one CPU thread.
+
+Protocol of docs/performance-anchors.md: fp32, random weights, 15 classes (MVTec AD), one thread
+(``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``, pinned with ``taskset -c 0`` when available),
+one process per row, peak RSS of that process. A "step" is one UNet forward plus one
+`SDASScheduler.step` (anomaly strength 0.15) at batch B: the unit the official figures use.
+Rows and what is timed:
+
+* small-64 (10 M params): median of 5 timed steps after 1 warm-up step;
+* adm-256, batch 1 (554 M params, the official network): 1 warm-up step, median of 2 timed steps;
+* adm-256, batch 8: a single timed step, no warm-up (about 2 minutes on an idle core).
+
+Each row's process has a time limit; a row that exceeds it is reported as not measured.
+
+images/s assumes the official 20-step sampler: B / (20 x seconds per step).
+
+    .venv/bin/python benchmarks/sdas.py          # writes benchmarks/out/sdas.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = [  # preset, batch, warm-up steps, timed steps, time limit of the row's process (s)
+    ("small-64", 1, 1, 5, 300),
+    ("small-64", 8, 1, 5, 300),
+    ("adm-256", 1, 1, 2, 300),
+    ("adm-256", 8, 0, 1, 300),
+]
+ANCHORS = {("small-64", 1): 0.10, ("small-64", 8): 0.70, ("adm-256", 1): 14.7}
+NUM_CLASSES = 15
+STEPS_PER_IMAGE = 20
+
+
+def measure_row(preset: str, batch: int, warmup: int, timed: int) -> dict:
+    import torch
+
+    from sia.scheduler import SDASScheduler
+    from sia.unets import build_unet
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    unet = build_unet(preset, num_classes=NUM_CLASSES).eval()
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(STEPS_PER_IMAGE)
+    size = unet.config.sample_size
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.arange(batch) % NUM_CLASSES
+    strength = torch.full((batch,), 0.15)
+    times = []
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps[: warmup + timed]):
+            start = time.perf_counter()
+            output = unet(x, t, class_labels=labels).sample
+            x = scheduler.step(output, t, x, generator=generator, anomaly_strength=strength).prev_sample
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
+    seconds = statistics.median(times)
+    return {
+        "preset": preset, "batch": batch, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+        "warmup_steps": warmup, "timed_steps": timed, "step_times_s": [round(v, 4) for v in times],
+        "seconds_per_step": round(seconds, 4), "images_per_s": round(batch / (STEPS_PER_IMAGE * seconds), 4),
+        "seconds_per_image_20_steps": round(STEPS_PER_IMAGE * seconds / batch, 2),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--row":
+        print(json.dumps(measure_row(sys.argv[2], *map(int, sys.argv[3:]))))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    rows = []
+    for preset, batch, warmup, timed, limit in ROWS:
+        cmd = [*pin, sys.executable, __file__, "--row", preset, str(batch), str(warmup), str(timed)]
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=limit)
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            row = {"preset": preset, "batch": batch, "not_measured": f"exceeded {limit} s (shared machine under load)"}
+        row["official_seconds_per_step"] = ANCHORS.get((preset, batch))
+        rows.append(row)
+        print(f"measured {preset} batch {batch}: {row}", file=sys.stderr, flush=True)
+
+    header = f"{'preset':<9} {'batch':>5} {'s/step':>8} {'official':>8} {'img/s (20 steps)':>17} {'s/img':>8} {'peak RSS MiB':>13}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "not_measured" in r:
+            print(f"{r['preset']:<9} {r['batch']:>5}  not measured: {r['not_measured']}")
+            continue
+        official = f"{r['official_seconds_per_step']:.2f}" if r["official_seconds_per_step"] else "-"
+        print(f"{r['preset']:<9} {r['batch']:>5} {r['seconds_per_step']:>8.3f} {official:>8} "
+              f"{r['images_per_s']:>17.4f} {r['seconds_per_image_20_steps']:>8.2f} {r['peak_rss_mib']:>13.1f}")
+    out = Path(__file__).parent / "out" / "sdas.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
+              "pinned": bool(pin), "load_average_at_end": os.getloadavg(), "rows": rows}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
