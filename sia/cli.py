@@ -125,6 +125,8 @@ def train_command(
     Multi-GPU: `accelerate launch --multi_gpu --num_processes 4 $(which sia) train ...` or
     `torchrun --nproc_per_node 4 $(which sia) train ...` (--batch-size is per process).
     """
+    import os
+
     from .training import DiffusionTrainingConfig, train_diffusion
 
     names = [c.strip() for c in (categories or "").split(",") if c.strip()] or None
@@ -137,7 +139,8 @@ def train_command(
         overwrite=overwrite, cpu=cpu,
     )
     pipeline = train_diffusion(config)
-    typer.echo(f"pipeline: {pipeline}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun / accelerate launch
+        typer.echo(f"pipeline: {pipeline}")
 
 
 # --- sia preview --------------------------------------------------------------------------------
