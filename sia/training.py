@@ -532,7 +532,7 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=False)
     columns, sample_noise = _fixed_sample_plan(config, categories, image_size)
 
-    log_sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
+    log_sums = torch.zeros(3, device=accelerator.device, dtype=torch.float32)  # float32: MPS has no float64
     log_count = 0
     step = start_step
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
@@ -554,7 +554,7 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
                 accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        log_sums += torch.stack([losses["loss"].detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean()]).double()
+        log_sums += torch.stack([losses["loss"].detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean()]).float()
         log_count += 1
         if not accelerator.sync_gradients:
             continue
