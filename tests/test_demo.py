@@ -1,0 +1,102 @@
+"""`sia demo` end to end with the `test` preset: every output exists, metrics are in [0, 1], no clobbering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sia.cli import app
+from sia.demo import DEMO_OUTPUTS, DEMO_PRESETS, get_preset, prepare_output, run_demo
+from sia.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "sia-demo"
+    lines: list[str] = []
+    result = run_demo(out, preset="test", progress=False, echo=lines.append)
+    return out, result, lines
+
+
+def test_demo_writes_every_output(demo_run):
+    out, result, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary, default=str))
+    for name in ("strength_sweep.png", "synthetic_anomalies.png", "heatmaps.png"):
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) > 0
+    assert (out / "sdas" / "pipeline" / "model_index.json").is_file()
+    sia_images = sorted((out / "sia" / "hazelnut").glob("*.png"))
+    assert len(sia_images) == DEMO_PRESETS["test"].sia_images
+    assert (out / "realnet" / "model" / "config.json").is_file()
+    assert (out / "realnet" / "model" / "thresholds.json").is_file()
+    assert (out / "evaluation" / "metrics.json").is_file()
+    overlays = list((out / "evaluation" / "overlays").rglob("*.png"))
+    assert len(overlays) == summary["metrics"]["num_images"] == 23
+
+
+def test_demo_metrics_and_timings_are_sane(demo_run):
+    _, result, _ = demo_run
+    metrics = result.summary["metrics"]
+    for key in ("image_auroc", "pixel_auroc", "pro"):
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_anomalous"] == 17
+    stages = {"sdas_train", "strength_sweep", "sia_generate", "synthesis_preview", "realnet_train", "evaluate", "total"}
+    assert set(result.summary["timings"]) == stages
+    assert all(t["wall_s"] >= 0 and t["cpu_s"] >= 0 for t in result.summary["timings"].values())
+    assert result.summary["versions"]["torch"]
+    assert result.summary["preset"]["name"] == "test"
+
+
+def test_strength_sweep_has_one_row_per_strength(demo_run):
+    out, result, _ = demo_run
+    preset = DEMO_PRESETS["test"]
+    tile = max(preset.panel_size // 2, 32)
+    with Image.open(out / "strength_sweep.png") as picture:
+        assert picture.height == 3 * tile + 2 * 2
+
+
+def test_demo_prints_where_everything_is(demo_run):
+    out, _, lines = demo_run
+    text = "\n".join(lines)
+    assert "image AUROC" in text and "PRO" in text
+    for name in ("strength_sweep.png", "synthetic_anomalies.png", "heatmaps.png", "summary.json"):
+        assert str(out / name) in text
+
+
+def test_cli_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--preset", "test"])
+    assert result.exit_code == 2
+    assert "not empty" in result.output and "--overwrite" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_rejects_an_unknown_preset(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "new"), "--preset", "huge"])
+    assert result.exit_code == 2 and "quick" in result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_overwrite_removes_only_demo_outputs(tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "sdas").mkdir()
+    (tmp_path / "sdas" / "old.bin").write_text("x")
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(InputError):
+        prepare_output(tmp_path, overwrite=False)
+    prepare_output(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert "summary.json" in DEMO_OUTPUTS
+
+
+def test_presets_are_known_and_the_test_preset_is_small():
+    assert get_preset("QUICK").name == "quick"
+    test = get_preset("test")
+    quick = get_preset("quick")
+    assert test.diffusion_steps < quick.diffusion_steps and test.realnet_iterations < quick.realnet_iterations
+    assert test.image_size == test.diffusion_size == 32
