@@ -1,0 +1,343 @@
+"""Gather every benchmark into one report, `benchmarks/RESULTS.md`, next to the official anchors.
+
+Runs the other benchmark scripts as subprocesses (one thread each, pinned with ``taskset`` where it
+exists, CPU-sized flags), or with ``--reuse`` only reads the JSON they already wrote under
+``benchmarks/out/``. Benchmarks without a JSON are listed as missing, with the command that makes it.
+
+    python benchmarks/report.py --reuse                 # report from existing JSON files only
+    python benchmarks/report.py                         # run the speed benchmarks, then report
+    python benchmarks/report.py --only augment,metrics  # run a subset
+    python benchmarks/report.py --with-recipe           # also run the real-data accuracy runs (hours)
+
+Anchors are the official RealNet code measured on this machine kind (docs/performance-anchors.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+RESULTS = HERE / "RESULTS.md"
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _fmt(value: Any, spec: str = ".3f", missing: str = "-") -> str:
+    if value is None:
+        return missing
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _ratio(official: float | None, ours: float | None) -> str:
+    if not official or not ours:
+        return "-"
+    return f"{official / ours:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _load(name: str) -> dict | None:
+    path = OUT / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _mtime(name: str) -> str:
+    path = OUT / name
+    if not path.is_file():
+        return "-"
+    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ------------------------------------------------------------------------------------------------
+# one renderer per benchmark: JSON -> markdown lines (tolerant: a changed JSON shape degrades to a note)
+
+
+def render_augment(data: dict) -> list[str]:
+    ms = data.get("ms_per_sample", {})
+    per_second = data.get("samples_per_s", {})
+    official = data.get("official_ms_per_sample", 13.7)
+    rows = [[what, _fmt(ms.get(what), ".2f"), _fmt(per_second.get(what), ".0f"),
+             f"{official} ms (full sample)" if i < 2 else "-",
+             _ratio(official, ms.get(what)) if i < 2 else "-"]
+            for i, what in enumerate(ms)]
+    lines = [f"Image {data.get('size')}², batch {data.get('batch')}, {data.get('threads')} thread; "
+             f"target <= 2.7 ms per sample (>= {data.get('target_samples_per_s', 365)} samples/s).", ""]
+    return lines + _table(["what", "ms / sample", "samples / s", "official", "speed-up"], rows)
+
+
+def render_sdas(data: dict) -> list[str]:
+    rows = []
+    for r in data.get("rows", []):
+        if "not_measured" in r:
+            rows.append([r.get("preset"), r.get("batch"), "not measured: " + str(r["not_measured"]),
+                         _fmt(r.get("official_seconds_per_step"), ".2f"), "-", "-"])
+            continue
+        rows.append([r.get("preset"), r.get("batch"), _fmt(r.get("seconds_per_step"), ".3f"),
+                     _fmt(r.get("official_seconds_per_step"), ".2f"),
+                     _ratio(r.get("official_seconds_per_step"), r.get("seconds_per_step")),
+                     _fmt(r.get("peak_rss_mib"), ".0f")])
+    lines = [f"One UNet forward + one SDASScheduler step, {data.get('threads', 1)} thread, pinned: {data.get('pinned')}; "
+             "target: <= official.", ""]
+    return lines + _table(["UNet", "batch", "s / step", "official s / step", "speed-up", "peak RSS MiB"], rows)
+
+
+def render_diffusion_train(data: dict) -> list[str]:
+    median = data.get("median", {})
+    anchor = data.get("anchor_official", {})
+    parts = (("forward + loss", "forward_loss_s"), ("backward + clip", "backward_clip_s"),
+             ("Adam + EMA", "optimizer_ema_s"), ("total", "total_s"))
+    rows = [[label, _fmt(median.get(key), ".3f"), _fmt(anchor.get(key), ".2f"), _ratio(anchor.get(key), median.get(key))]
+            for label, key in parts]
+    lines = [f"{data.get('preset')} UNet ({data.get('params_m')} M params), batch {data.get('batch')}, "
+             f"{data.get('image_size')}², {data.get('threads')} thread, median of {data.get('timed_steps')} steps; "
+             f"peak RSS {_fmt(data.get('peak_rss_mib'), '.0f')} MiB; target: <= official.", ""]
+    return lines + _table(["part", "ours s", "official s", "speed-up"], rows)
+
+
+def render_realnet(data: dict) -> list[str]:
+    rows = []
+    for r in data.get("rows", []):
+        rows.append([r.get("name"), _fmt(r.get("params_m"), ".1f"), _fmt(r.get("median_s"), ".3f"),
+                     _fmt(r.get("median_cpu_s"), ".3f"), _fmt(r.get("official_s"), ".2f"),
+                     _fmt(r.get("speedup_vs_official_cpu"), ".2f"), _fmt(r.get("peak_rss_mib"), ".0f"),
+                     _fmt(r.get("official_rss_mib"), ".0f")])
+    lines = [str(data.get("protocol", "")), ""]
+    lines += _table(["row", "params M", "wall s", "CPU s", "official s", "speed-up (CPU)", "RSS MiB", "official RSS"],
+                    rows)
+    ratio = data.get("same_session_speedup_vs_official_style_attention")
+    if ratio:
+        lines += ["", f"Same-session CPU-time speed-up over the official-style attention (WRN50, batch 1): {ratio:.2f}x."]
+    lines += ["", "Target: >= 1.5x faster than official with identical outputs, and less memory."]
+    return lines
+
+
+def render_metrics(data: dict) -> list[str]:
+    setup = data.get("setup", {})
+    rows = [[r.get("what"), _fmt(r.get("seconds"), ".4f"), _fmt(r.get("cpu_seconds"), ".4f"),
+             ", ".join(f"{k} {v:.4f}" for k, v in r["value"].items()) if isinstance(r.get("value"), dict)
+             else _fmt(r.get("value"), ".6f", ""), r.get("note", "")]
+            for r in data.get("rows", [])]
+    lines = [f"{setup.get('maps')} maps of {setup.get('size')}² ({setup.get('defective')} defective), "
+             f"{setup.get('statistic', '')}; official: PRO 44.1 s (1000-threshold loop), anomalib AUPRO 1.13 s, "
+             "image + pixel AUROC 0.44 + 0.77 s; targets: PRO <= 0.5 s exact, both AUROCs <= 0.3 s.", ""]
+    lines += _table(["what", "wall s", "CPU s", "value", "note"], rows)
+    differences = data.get("differences")
+    if differences:
+        lines += [""] + [f"- {k}: {v:+.2e}" for k, v in differences.items()]
+    return lines
+
+
+ACCURACY_ANCHORS = [
+    ["PatchCore (official anchor)", "hazelnut_toy", "1.000", "0.987", "0.923", "4 s"],
+    ["PaDiM (official anchor)", "hazelnut_toy", "1.000", "0.988", "0.947", "4 s"],
+    ["official RealNet code, 1,160 it (anchor)", "held-out MVTec category", "0.48", "0.82", "0.63", "3,154 s"],
+]
+
+
+def render_recipe(data: dict) -> list[str]:
+    runs = sorted(data.get("runs", []), key=lambda r: (r.get("data", ""), r.get("recipe") != "patchcore", r.get("recipe", "")))
+    rows = []
+    for run in runs:
+        final = run.get("final", {})
+        recipe = run.get("recipe")
+        label = "PatchCore baseline (same backbone)" if recipe == "patchcore" else f"RealNet, {recipe} recipe"
+        rows.append([label, run.get("data"), _fmt(final.get("image_auroc")), _fmt(final.get("pixel_auroc")),
+                     _fmt(final.get("pro")), run.get("iterations", "-"), _fmt(run.get("train_wall_seconds"), ".0f") + " s"])
+    lines = ["256², no crop, frozen tf_efficientnet_lite0 with the offline ImageNet weights, DTD anomalies, "
+             "batch 8, the LAST model (never chosen on test data); metrics at 256² (PRO to FPR 0.3).", ""]
+    lines += _table(["method", "data", "image AUROC", "pixel AUROC", "PRO", "iterations", "train wall"],
+                    rows + [row[:5] + ["-", row[5]] for row in ACCURACY_ANCHORS])
+    if (OUT / "recipe_curves.png").is_file():
+        lines += ["", "Learning curves: `benchmarks/out/recipe_curves.png`."]
+    return lines
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    title: str
+    script: str
+    output: str
+    render: Callable[[dict], list[str]]
+    run_args: tuple[tuple[str, ...], ...]  # one or more invocations of the script
+    heavy: bool = False
+
+    def commands(self, python: str) -> list[list[str]]:
+        return [[python, str(HERE / self.script), *args] for args in self.run_args]
+
+
+BENCHMARKS = [
+    Benchmark("augment", "Synthetic-anomaly augmentation (Perlin x foreground x blend)", "augment.py", "augment.json",
+              render_augment, (("--repeats", "5"),)),
+    Benchmark("metrics", "Metrics: image AUROC, pixel AUROC, PRO", "metrics.py", "metrics.json", render_metrics, ((),)),
+    Benchmark("sdas", "SDAS sampling step", "sdas.py", "sdas.json", render_sdas, ((),)),
+    Benchmark("diffusion_train", "SDAS diffusion training step", "diffusion_train.py", "diffusion_train.json",
+              render_diffusion_train, ((),)),
+    Benchmark("realnet", "RealNet inference and training step", "realnet.py", "realnet.json", render_realnet,
+              (("--quick",),)),
+    Benchmark("recipe", "Real-data accuracy: RealNet recipes vs PatchCore (hazelnut_toy, kolektorsdd)", "recipe.py",
+              "recipe.json", render_recipe, ((), ("--report",)), heavy=True),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# machine description
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"arch": platform.machine(), "os": platform.platform()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), None)
+        info["logical_cpus_in_machine"] = sum(1 for l in text.splitlines() if l.startswith("processor"))
+    except OSError:
+        info["cpu"] = platform.processor() or None
+    info["usable_cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram_gib"] = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("torch", "torchvision", "diffusers", "timm", "accelerate", "numpy", "scipy"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run_benchmark(benchmark: Benchmark, log) -> bool:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") and benchmark.name not in ("sdas", "realnet") else []
+    for command in benchmark.commands(sys.executable):
+        log(f"running {' '.join(command[1:])}")
+        started = time.perf_counter()
+        done = subprocess.run([*pin, *command], cwd=ROOT, env=env)
+        log(f"  exit {done.returncode} after {time.perf_counter() - started:.0f} s")
+        if done.returncode != 0:
+            return False
+    return True
+
+
+def build_report(selected: list[Benchmark], ran: dict[str, bool], reuse: bool) -> str:
+    info, found = machine(), versions()
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmark results", "",
+        f"Generated {now} by `benchmarks/report.py{' --reuse' if reuse else ''}`. Each section is one "
+        "benchmark script; its JSON is in `benchmarks/out/`. \"official\" = the official RealNet code measured "
+        "on this machine kind with the same protocol (docs/performance-anchors.md); speed-up = official / ours.", "",
+        "## Machine and software", "",
+        f"- CPU: {info.get('cpu')} ({info.get('usable_cores')} usable cores, {info.get('logical_cpus_in_machine')} "
+        f"logical CPUs in the machine), {info.get('ram_gib')} GiB RAM, {info.get('os')}",
+        f"- load average when this report was written: {info.get('load_average')} (the machine is shared; "
+        "CPU-time columns are the least disturbed figures)",
+        "- " + ", ".join(f"{k} {v}" for k, v in found.items()),
+        "- settings: one thread per benchmark (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), pinned with "
+        "`taskset -c 0` where available, fp32, medians after warm-up", "",
+    ]
+    missing = []
+    for benchmark in selected:
+        data = _load(benchmark.output)
+        lines += [f"## {benchmark.title}", ""]
+        if data is None:
+            missing.append(benchmark)
+            why = "its run failed" if ran.get(benchmark.name) is False else "not run yet"
+            lines += [f"Missing: no `benchmarks/out/{benchmark.output}` ({why}). Make it with "
+                      + " then ".join("`" + " ".join(["python", f"benchmarks/{benchmark.script}", *a]) + "`"
+                                      for a in benchmark.run_args) + ".", ""]
+            continue
+        lines += [f"Source: `benchmarks/out/{benchmark.output}` (written {_mtime(benchmark.output)}).", ""]
+        try:
+            lines += benchmark.render(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            lines += [f"(could not read this JSON's layout: {type(err).__name__}: {err}; see the file)"]
+        lines.append("")
+    lines += ["## Missing benchmarks", ""]
+    if missing:
+        lines += [f"- {b.name}: `benchmarks/out/{b.output}` does not exist" for b in missing]
+    else:
+        lines.append("None: every benchmark has results.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--reuse", action="store_true", help="run nothing; report from the JSON files that exist")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all); "
+                        "known: " + ", ".join(b.name for b in BENCHMARKS))
+    parser.add_argument("--with-recipe", action="store_true",
+                        help="also run benchmarks/recipe.py (real-data training runs: hours on one core)")
+    parser.add_argument("--output", default=str(RESULTS), help="markdown file to write")
+    args = parser.parse_args()
+
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = sorted(set(names) - {b.name for b in BENCHMARKS})
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}")
+    selected = [b for b in BENCHMARKS if not names or b.name in names]
+
+    ran: dict[str, bool] = {}
+    if not args.reuse:
+        for benchmark in selected:
+            if benchmark.heavy and not args.with_recipe:
+                print(f"skipping {benchmark.name} (pass --with-recipe to run it; its existing JSON is reported)")
+                continue
+            ran[benchmark.name] = run_benchmark(benchmark, print)
+
+    # The report always covers every benchmark, whichever were run now.
+    text = build_report(BENCHMARKS, ran, args.reuse)
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, output)
+    print(text)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
