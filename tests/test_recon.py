@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from realnet import recon
 from realnet.recon import AttentionBlock, ReconstructionNetworks, ReconstructionUNet, group_count, head_count
 
 
@@ -67,3 +68,20 @@ def test_parameter_counts_equal_the_official_network():
         small, large = ReconstructionUNet(256), ReconstructionUNet(512)
     assert round(sum(p.numel() for p in small.parameters()) / 1e6, 2) == 51.85
     assert round(sum(p.numel() for p in large.parameters()) / 1e6, 2) == 207.27
+
+
+@pytest.mark.parametrize("batch,size", [(1, (4, 4)), (2, (3, 4)), (1, (1, 1))])
+def test_small_map_matrix_product_path_equals_the_default_convolutions(batch, size):
+    """Deep levels on CPU run as im2col matrix products: same values and gradients as nn.Conv2d."""
+    torch.manual_seed(0)
+    conv, up = recon.Conv2d(96, 48, 3, padding=1), recon.ConvTranspose2d(96, 96, 4, stride=2, padding=1)
+    x = torch.randn(batch, 96, *size, requires_grad=True)
+    assert recon._use_gemm(x, 96)
+    for layer, reference in ((conv, torch.nn.functional.conv2d), (up, torch.nn.functional.conv_transpose2d)):
+        out = layer(x)
+        kwargs = dict(padding=layer.padding, stride=layer.stride)
+        expected = reference(x, layer.weight, layer.bias, **kwargs)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
