@@ -88,6 +88,7 @@ class TrainingConfig:
     cpu: bool = False
     progress: bool = True
     max_train_images: Optional[int] = None
+    feature_cache_mb: float = 1024.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -225,21 +226,53 @@ class ExponentialMovingAverage:
 # data
 
 
-def _normal_images_only(dataset: Dataset) -> Dataset:
-    """Wrap a split dataset so its items carry only the normal image (what ``sia`` expects)."""
-    return _ImageOnly(dataset)
+def _normal_images_only(dataset: Dataset, key_offset: int = 0) -> Dataset:
+    """Wrap a split dataset so its items carry only the normal image (what ``sia`` expects) and a
+    run-wide key of that image (for the clean-feature cache)."""
+    return _ImageOnly(dataset, key_offset)
 
 
 class _ImageOnly(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, key_offset: int = 0) -> None:
         self.dataset = dataset
+        self.key_offset = key_offset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
-        return {"image": item["image"] if isinstance(item, dict) else item}
+        return {"image": item["image"] if isinstance(item, dict) else item, "image_key": self.key_offset + index}
+
+
+class CleanFeatureCache:
+    """Selected backbone features of the clean training images, computed once.
+
+    The backbone is frozen and AFS/standardisation are fixed before training, so the reconstruction
+    target of a normal training image never changes; caching it saves half of the backbone's work
+    per step. Bounded by ``max_bytes``; images beyond the budget are recomputed every time.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+        self.store: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def features(self, model, keys: torch.Tensor, clean_images: torch.Tensor) -> list[torch.Tensor]:
+        keys = [int(k) for k in keys]
+        missing = [j for j, k in enumerate(keys) if k not in self.store]
+        fresh: dict[int, list[torch.Tensor]] = {}
+        if missing:
+            computed = model.selected_features(clean_images[missing])
+            for position, j in enumerate(missing):
+                fresh[keys[j]] = [level[position].detach().clone() for level in computed]
+                size = sum(t.numel() * t.element_size() for t in fresh[keys[j]])
+                if self.used + size <= self.max_bytes:
+                    self.store[keys[j]] = fresh[keys[j]]
+                    self.used += size
+        per_item = [self.store.get(k) or fresh[k] for k in keys]
+        return [torch.stack([item[level] for item in per_item]) for level in range(len(per_item[0]))]
 
 
 @dataclass
@@ -294,7 +327,7 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
         if config.max_train_images is not None:
             indices = indices[: config.max_train_images]
         train_idx, holdout_idx = split_holdout(len(indices), config.validation_fraction, config.seed + index)
-        base = _normal_images_only(split)
+        base = _normal_images_only(split, key_offset=index * 10_000_000)
         preset = config.foreground or _foreground_preset(config.dataset, category)
         from sia.categories import DATASET_CATEGORIES
 
@@ -649,6 +682,7 @@ def train(
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at iteration {progress.iteration}")
 
+    cache = CleanFeatureCache(int(config.feature_cache_mb * 2**20)) if config.feature_cache_mb > 0 else None
     best_dir = output / "best"
     log_path = output / TRAIN_LOG
     batches_per_epoch = len(batch_sampler)
@@ -663,7 +697,7 @@ def train(
         epoch_loader.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
         for batch in epoch_loader:
-            losses = _training_step(model, batch, optimizer, scheduler, recipe, accelerator)
+            losses = _training_step(model, batch, optimizer, scheduler, recipe, accelerator, cache)
             if ema is not None:
                 ema.update(unwrapped)
             progress.iteration += 1
@@ -772,15 +806,20 @@ def _fit_statistics_and_select(model, categories: list[CategoryData], recipe: Re
     model.select_features(afs_batches, num_batches=config.afs_batches, progress=config.progress and accelerator.is_main_process)
 
 
-def _training_step(model, batch: dict, optimizer, scheduler, recipe: Recipe, accelerator) -> dict:
+def _training_step(model, batch: dict, optimizer, scheduler, recipe: Recipe, accelerator, cache: Optional[CleanFeatureCache] = None) -> dict:
     images, clean, masks = batch["image"], batch["clean_image"], batch["mask"]
     with accelerator.autocast():
-        output = model(images, clean_images=clean)
+        if cache is not None and "image_key" in batch:
+            output = model(images)
+            clean_features = cache.features(accelerator.unwrap_model(model), batch["image_key"], clean)
+        else:
+            output = model(images, clean_images=clean)
+            clean_features = output.clean_features
     losses = realnet_loss(
         output.logits,
         masks,
         output.reconstructions,
-        output.clean_features,
+        clean_features,
         segmentation=recipe.segmentation_loss,
         segmentation_weight=recipe.segmentation_weight,
         reconstruction_weight=recipe.reconstruction_weight,

@@ -173,6 +173,19 @@ class _Interrupt(Exception):
     pass
 
 
+def test_clean_feature_cache_gives_the_same_weights_as_recomputing(data_root, tmp_path):
+    cached = train(tiny_config(data_root, tmp_path / "cached", iterations=6))
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    recomputed = train(tiny_config(data_root, tmp_path / "recomputed", iterations=6, feature_cache_mb=0))
+    a, b = load_file(str(cached / "model.safetensors")), load_file(str(recomputed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
 def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_path):
     straight = train(tiny_config(data_root, tmp_path / "straight", iterations=6, checkpoint_every=2))
 
