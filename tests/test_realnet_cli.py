@@ -1,0 +1,139 @@
+"""`realnet train`, `realnet eval` and `realnet predict` end to end through the CLI, and their errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from realnet.cli import app
+from test_training import make_dataset
+
+runner = CliRunner()
+
+TINY = [
+    "--backbone", "resnet18", "--no-pretrained", "--image-size", "64", "--iterations", "2", "--batch-size", "4",
+    "--afs-batches", "1", "--checkpoint-every", "0", "--cpu",
+    "--model-option", "layers=[1,2]", "--model-option", "afs_channels=[8,16]",
+    "--model-option", "recon_channel_mult=[1,2]", "--model-option", "recon_attention_mult=[2]",
+]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, training output) of one tiny CLI training run shared by the tests below."""
+    _reset_accelerate()
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root / "widget", n_train=8, n_good=2, n_bad=3)
+    output = tmp_path_factory.mktemp("run") / "out"
+    result = runner.invoke(app, ["train", "--data", str(root), "--category", "widget", "--source", "cutpaste",
+                                 "--output", str(output), "--recipe", "paper", *TINY])
+    assert result.exit_code == 0, result.output
+    _reset_accelerate()
+    return root, output
+
+
+def test_train_writes_model_thresholds_log_and_run_config(trained):
+    _, output = trained
+    assert (output / "model" / "config.json").is_file() and (output / "model" / "model.safetensors").is_file()
+    thresholds = json.loads((output / "model" / "thresholds.json").read_text())
+    assert {"image_threshold", "pixel_threshold", "false_positive_rate"} <= set(thresholds)
+    run = json.loads((output / "config.json").read_text())
+    assert run["status"] == "finished" and run["recipe"]["name"] == "paper"
+    assert run["training"]["model_kwargs"]["afs_channels"] == [8, 16]
+    assert (output / "train_log.jsonl").read_text().strip()
+
+
+def test_train_refuses_to_overwrite_a_finished_run(trained):
+    root, output = trained
+    result = runner.invoke(app, ["train", "--data", str(root), "--category", "widget", "--source", "cutpaste",
+                                 "--output", str(output), *TINY])
+    assert result.exit_code == 2
+    assert "--overwrite" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_prints_table_and_writes_metrics_and_overlays(trained, tmp_path):
+    root, output = trained
+    result = runner.invoke(app, ["eval", "--model", str(output), "--data", str(root), "--category", "widget",
+                                 "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "| category | image AUROC | pixel AUROC | PRO |" in result.output and "| widget |" in result.output
+    record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = record["metrics"]["widget"]
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "pro"))
+    assert metrics["num_images"] == 5 and metrics["num_anomalous"] == 3
+    overlays = sorted((tmp_path / "eval" / "overlays" / "widget").glob("*.png"))
+    assert len(overlays) == 5
+    with Image.open(overlays[0]) as picture:
+        assert picture.size == (3 * 64, 64)  # image | ground truth | heat map
+
+
+def test_predict_writes_scores_maps_masks_and_overlays(trained, tmp_path):
+    root, output = trained
+    folder = root / "widget" / "test"
+    result = runner.invoke(app, ["predict", str(folder), "--model", str(output / "model"), "--out", str(tmp_path / "pred"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and (tmp_path / "pred" / "scores.csv").read_text().count("\n") == 6
+    for row in rows:
+        assert (tmp_path / "pred" / row["map"]).is_file() and (tmp_path / "pred" / row["overlay"]).is_file()
+        mask = np.asarray(Image.open(tmp_path / "pred" / row["mask"]))
+        assert set(np.unique(mask)) <= {0, 255} and mask.shape == (64, 64)
+        assert isinstance(row["is_anomalous"], bool)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/no/such/root", "--source", "cutpaste", "--output", "OUT"], "no such folder"),
+        (["train", "--data", "DATA", "--category", "nope", "--source", "cutpaste", "--output", "OUT"], "no such category"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT", "--recipe", "turbo"], "unknown recipe"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--backbone", "no_such_net"], "backbone"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--model-option", "afs_channels=[8,999]"], "afs_channels"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--recipe-option", "oops"], "KEY=VALUE"),
+        (["eval", "--model", "/no/such/model", "--data", "DATA"], "--model"),
+        (["eval", "--model", "MODEL", "--data", "DATA", "--category", "nope"], "no such category"),
+        (["predict", "/no/such/image.png", "--model", "MODEL", "--out", "OUT"], "no such image"),
+    ],
+)
+def test_bad_inputs_exit_non_zero_with_one_line(trained, tmp_path, args, message):
+    root, output = trained
+    substitutions = {"DATA": str(root), "OUT": str(tmp_path / "out"), "MODEL": str(output)}
+    args = [substitutions.get(a, a) for a in args]
+    if args[0] == "train":  # the case's own options come last, so they override TINY's
+        args = [args[0], *TINY, *args[1:]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_rejects_masks_of_missing_files(trained, tmp_path):
+    root, output = trained
+    broken = tmp_path / "broken"
+    make_dataset(broken / "widget", n_train=2, n_good=1, n_bad=2)
+    next((broken / "widget" / "ground_truth" / "blob").glob("*.png")).unlink()
+    result = runner.invoke(app, ["eval", "--model", str(output), "--data", str(broken), "--category", "widget"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
