@@ -156,7 +156,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("sia-realnet", "torch", "diffusers", "timm", "accelerate", "huggingface-hub", "numpy"):
+    for package in ("sia", "torch", "diffusers", "timm", "accelerate", "huggingface-hub", "numpy"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -105,6 +105,9 @@ def _resolve(name_or_path: str | os.PathLike, category: str | None, revision: st
         repo_id = sia_repo_id(dataset)
     elif _looks_like_repo_id(text):
         repo_id = text
+    elif path.is_absolute() or text.startswith((".", "~")) or os.sep in text:
+        raise InputError(f"{text}: no such folder (expected an SIA folder, a Hub dataset id org/name or one of "
+                         f"{', '.join(DEFAULT_SIA_REPOS)})")
     else:
         raise InputError(f"name_or_path {text!r}: not an existing folder, a Hub dataset id (org/name) or a known "
                          f"alias ({', '.join(DEFAULT_SIA_REPOS)})")

@@ -154,5 +154,7 @@ def test_make_source_parses_specs(tmp_path):
     assert make_source(existing) is existing
     with pytest.raises(InputError, match="expected 'sia:PATH'"):
         make_source("nonsense-spec")
-    with pytest.raises(InputError, match="not an existing folder"):
+    with pytest.raises(InputError, match="no such folder"):
         make_source(f"sia:{tmp_path / 'nope'}")
+    with pytest.raises(InputError, match="not an existing folder"):
+        make_source("sia:not-a-folder-or-repo")
