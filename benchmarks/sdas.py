@@ -12,7 +12,8 @@ Rows and what is timed:
 
 Each row's process has a time limit; a row that exceeds it is reported as not measured.
 
-images/s assumes the official 20-step sampler: B / (20 x seconds per step).
+images/s assumes the official 20-step sampler: B / (20 x seconds per step). ``cpu s/step`` is the
+process CPU time of a step (one thread): on a shared machine it estimates the idle-core wall time.
 
     .venv/bin/python benchmarks/sdas.py          # writes benchmarks/out/sdas.json
 """
@@ -57,20 +58,21 @@ def measure_row(preset: str, batch: int, warmup: int, timed: int) -> dict:
     x = torch.randn(batch, 3, size, size, generator=generator)
     labels = torch.arange(batch) % NUM_CLASSES
     strength = torch.full((batch,), 0.15)
-    times = []
+    times, cpu_times = [], []
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps[: warmup + timed]):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             output = unet(x, t, class_labels=labels).sample
             x = scheduler.step(output, t, x, generator=generator, anomaly_strength=strength).prev_sample
-            elapsed = time.perf_counter() - start
+            elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             if i >= warmup:
                 times.append(elapsed)
+                cpu_times.append(cpu_elapsed)
     seconds = statistics.median(times)
     return {
         "preset": preset, "batch": batch, "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
         "warmup_steps": warmup, "timed_steps": timed, "step_times_s": [round(v, 4) for v in times],
-        "seconds_per_step": round(seconds, 4), "images_per_s": round(batch / (STEPS_PER_IMAGE * seconds), 4),
+        "seconds_per_step": round(seconds, 4), "cpu_seconds_per_step": round(statistics.median(cpu_times), 4), "images_per_s": round(batch / (STEPS_PER_IMAGE * seconds), 4),
         "seconds_per_image_20_steps": round(STEPS_PER_IMAGE * seconds / batch, 2),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -95,7 +97,7 @@ def main() -> None:
         rows.append(row)
         print(f"measured {preset} batch {batch}: {row}", file=sys.stderr, flush=True)
 
-    header = f"{'preset':<9} {'batch':>5} {'s/step':>8} {'official':>8} {'img/s (20 steps)':>17} {'s/img':>8} {'peak RSS MiB':>13}"
+    header = f"{'preset':<9} {'batch':>5} {'s/step':>8} {'cpu s/step':>10} {'official':>8} {'img/s (20 steps)':>17} {'s/img':>8} {'peak RSS MiB':>13}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -103,7 +105,7 @@ def main() -> None:
             print(f"{r['preset']:<9} {r['batch']:>5}  not measured: {r['not_measured']}")
             continue
         official = f"{r['official_seconds_per_step']:.2f}" if r["official_seconds_per_step"] else "-"
-        print(f"{r['preset']:<9} {r['batch']:>5} {r['seconds_per_step']:>8.3f} {official:>8} "
+        print(f"{r['preset']:<9} {r['batch']:>5} {r['seconds_per_step']:>8.3f} {r['cpu_seconds_per_step']:>10.3f} {official:>8} "
               f"{r['images_per_s']:>17.4f} {r['seconds_per_image_20_steps']:>8.2f} {r['peak_rss_mib']:>13.1f}")
     out = Path(__file__).parent / "out" / "sdas.json"
     out.parent.mkdir(parents=True, exist_ok=True)

