@@ -56,8 +56,10 @@ class _StrengthRangeCommand(_TyperCommand):
 def generate_command(
     category: _Annotated[list[str], typer.Option(
         help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several.")],
-    model: _Annotated[str, typer.Option(help="Saved SDASPipeline folder or Hugging Face Hub id.")],
-    output: _Annotated[_Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")],
+    model: _Annotated[str | None, typer.Option(
+        help="Saved SDASPipeline folder, Hugging Face Hub id, or a benchmark name (mvtec-ad, visa, mpdd, btad). Default: "
+             "the benchmark's SDAS pipeline on the Hub (sia-realnet/sdas-<benchmark>; override with SIA_SDAS_REPO_<BENCHMARK>).")] = None,
+    output: _Annotated[_Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")] = _Path("sia-images"),
     strength: _Annotated[str, typer.Option(
         help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
              "(s ~ U(MIN, MAX) per image; official: 0.1 0.2).")] = "0.1,0.2",

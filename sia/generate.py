@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .pipeline import SDASPipeline
 
-__all__ = ["generate_dataset", "load_generation_pipeline", "GenerationSummary", "parse_strength", "parse_categories"]
+__all__ = ["generate_dataset", "load_generation_pipeline", "resolve_model", "GenerationSummary", "parse_strength", "parse_categories"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_KEYS = ("model", "revision", "sampler", "steps", "strength", "seed", "dtype")
@@ -77,6 +77,32 @@ def parse_categories(values: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def resolve_model(model: str | os.PathLike | None, categories: Sequence[str]) -> str:
+    """The `--model` to load: a folder or Hub id as given, or a benchmark's default SDAS pipeline.
+
+    ``None`` picks the default pipeline of the benchmark the categories belong to (``bottle`` ->
+    MVTec AD); a benchmark name (``mvtec-ad``, ``visa``, ...) that is not a local folder does the same.
+    """
+    from .categories import DATASET_ALIASES, resolve_category
+    from .hub import sdas_repo_id
+
+    if model is not None:
+        text = os.fspath(model)
+        if not Path(text).exists() and text.strip().lower() in DATASET_ALIASES:
+            return sdas_repo_id(text)
+        return text
+    datasets = set()
+    for name in categories:
+        try:
+            datasets.add(resolve_category(name)[0])
+        except InputError:
+            raise InputError(f"--model is needed for category {name!r}: it belongs to no benchmark with a default "
+                             "SDAS pipeline (train one with `sia train`)") from None
+    if len(datasets) != 1:
+        raise InputError(f"--model is needed: the categories belong to several benchmarks ({', '.join(sorted(datasets))})")
+    return sdas_repo_id(datasets.pop())
+
+
 def load_generation_pipeline(model: str | os.PathLike, revision: str | None = None, device: str | torch.device | None = None,
                              dtype: str = "float32") -> tuple[SDASPipeline, str, str | None]:
     """Load an `SDASPipeline` from a folder or Hub id; returns (pipeline, model id, resolved revision).
@@ -97,7 +123,9 @@ def load_generation_pipeline(model: str | os.PathLike, revision: str | None = No
         try:
             folder = Path(SDASPipeline.download(str(model), revision=revision))
         except Exception as err:  # noqa: BLE001 - any hub/network failure means the same to the user
-            raise InputError(f"--model {model}: not a local folder and not loadable from the Hub ({type(err).__name__})") from None
+            raise InputError(f"--model {model}: not a local folder and not loadable from the Hub ({type(err).__name__}); "
+                             "train a pipeline with `sia train` or convert the official checkpoint with "
+                             "`sia convert-official`, then pass its folder") from None
         model_id = str(model)
         resolved = folder.name if folder.parent.name == "snapshots" else revision
     pipe = SDASPipeline.from_pretrained(folder, dtype=DTYPES[dtype])
@@ -146,7 +174,7 @@ def _rebuild_metadata(output: Path) -> Path:
 
 
 def generate_dataset(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None,
     output: str | os.PathLike,
     categories: str | Sequence[str],
     num_images: int,
@@ -164,7 +192,8 @@ def generate_dataset(
     """Sample `num_images` SDAS images per category into an imagefolder dataset at `output` (resumable).
 
     Args:
-        model: saved `SDASPipeline` folder or Hub id.
+        model: saved `SDASPipeline` folder, Hub id, a benchmark name (``mvtec-ad``) or None for the
+            default pipeline of the categories' benchmark (see `resolve_model`).
         categories: category names (as known by the model; ``"bottle"`` or ``"mvtec-ad/bottle"``).
         strength: fixed s, or (min, max) with s ~ U(min, max) drawn per image.
         seed: image i of every category uses seed + i.
@@ -182,6 +211,7 @@ def generate_dataset(
     strengths = parse_strength(strength)
     names = parse_categories(categories)
     state = PartialState()
+    model = resolve_model(model, names)
     pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device or state.device, dtype)
     pipe.use_sampler(sampler)
     pipe.set_progress_bar_config(disable=True)

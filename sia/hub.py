@@ -38,6 +38,7 @@ __all__ = [
     "SIA_REPO_ENV",
     "sia_repo_id",
     "load_sia",
+    "sdas_repo_id",
     "sia_categories",
     "stage_sia_dataset",
     "push_sia_dataset",
@@ -53,6 +54,9 @@ DEFAULT_SIA_REPOS: dict[str, str] = {
     "btad": "sia-realnet/sia-btad",
 }
 SIA_REPO_ENV: dict[str, str] = {name: "SIA_REPO_" + name.upper().replace("-", "_") for name in DEFAULT_SIA_REPOS}
+# Default Hub repos of the SDAS pipelines (one class-conditional model per benchmark, as the paper).
+DEFAULT_SDAS_REPOS: dict[str, str] = {name: f"sia-realnet/sdas-{name}" for name in DEFAULT_SIA_REPOS}
+SDAS_REPO_ENV: dict[str, str] = {name: "SIA_SDAS_REPO_" + name.upper().replace("-", "_") for name in DEFAULT_SDAS_REPOS}
 
 METADATA_NAME = "metadata.jsonl"
 STANDARD_COLUMNS = ("image", "category", "strength", "seed")
@@ -80,6 +84,12 @@ def sia_repo_id(alias: str) -> str:
     """
     dataset = resolve_dataset(alias)
     return os.environ.get(SIA_REPO_ENV[dataset]) or DEFAULT_SIA_REPOS[dataset]
+
+
+def sdas_repo_id(alias: str) -> str:
+    """Hub repo id of a benchmark's SDAS pipeline; `SIA_SDAS_REPO_<NAME>` overrides the default."""
+    dataset = resolve_dataset(alias)
+    return os.environ.get(SDAS_REPO_ENV[dataset]) or DEFAULT_SDAS_REPOS[dataset]
 
 
 def _looks_like_repo_id(text: str) -> bool:

@@ -142,3 +142,60 @@ def test_parse_strength_and_categories():
         with pytest.raises(InputError):
             parse_strength(bad)
     assert parse_categories(["bottle,cable", "bottle", " screw "]) == ["bottle", "cable", "screw"]
+
+
+def _hub_cache_with_pipeline(cache: Path, repo_id: str, folders: dict[str, Path]) -> dict[str, str]:
+    """Lay out `models--org--name/{refs,snapshots}` as huggingface_hub does; returns ref -> commit."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commits = {}
+    for i, (ref, folder) in enumerate(folders.items()):
+        commits[ref] = f"{i + 1:040x}"
+        shutil.copytree(folder, repo / "snapshots" / commits[ref])
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commits[ref])
+    return commits
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_pipeline_from_an_offline_hub_cache_by_id_and_revision(model_dir, tmp_path, offline_hub):
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    SDASPipeline.from_unet_preset("tiny-32", ["bottle", "cable", "screw"], sample_size=16).save_pretrained(other)
+    commits = _hub_cache_with_pipeline(offline_hub, "acme/sdas-tiny", {"main": model_dir, "v1": other})
+
+    def sample(pipe):
+        return pipe("bottle", num_images=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    np.testing.assert_array_equal(sample(SDASPipeline.from_pretrained("acme/sdas-tiny")),
+                                  sample(SDASPipeline.from_pretrained(model_dir)))
+    np.testing.assert_array_equal(sample(SDASPipeline.from_pretrained("acme/sdas-tiny", revision="v1")),
+                                  sample(SDASPipeline.from_pretrained(other)))
+    assert commits["main"] != commits["v1"]
+
+
+def test_default_model_is_the_benchmarks_sdas_pipeline(model_dir, tmp_path, offline_hub, monkeypatch):
+    with pytest.raises(InputError, match="sia-realnet/sdas-mvtec-ad.*sia train"):
+        generate_dataset(None, tmp_path / "none", categories="bottle", num_images=1, steps=1, progress=False)
+    commits = _hub_cache_with_pipeline(offline_hub, "acme/sdas-mvtec", {"main": model_dir})
+    monkeypatch.setenv("SIA_SDAS_REPO_MVTEC_AD", "acme/sdas-mvtec")
+    for model in (None, "mvtec-ad"):
+        output = tmp_path / f"out-{model}"
+        generate_dataset(model, output, categories="bottle", num_images=2, steps=1, progress=False)
+        records = [json.loads(line) for line in (output / "metadata.jsonl").read_text().splitlines()]
+        assert {(r["model"], r["revision"]) for r in records} == {("acme/sdas-mvtec", commits["main"])}
+    with pytest.raises(InputError, match="several benchmarks"):
+        generate_dataset(None, tmp_path / "mixed", categories="bottle,pcb1", num_images=1, progress=False)
+    with pytest.raises(InputError, match="no benchmark"):
+        generate_dataset(None, tmp_path / "custom", categories="widget", num_images=1, progress=False)
