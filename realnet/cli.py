@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from sia.errors import report_input_errors
 
 app = typer.Typer(
     name="realnet",
@@ -11,15 +16,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-
-
-# ------------------------------------------------------------------------------------------------
-# train / eval / predict
-
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
-
-from sia.errors import report_input_errors  # noqa: E402
 
 
 @app.command("train")
@@ -120,7 +116,6 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# --- realnet convert-official -------------------------------------------------------------------
 @app.command("convert-official")
 @report_input_errors
 def convert_official_command(

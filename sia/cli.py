@@ -1,8 +1,15 @@
-"""The `sia` command line: preview, train, generate and publish synthetic anomalies."""
+"""The `sia` command line: synthesise anomalies (preview), train SDAS, generate, publish, convert, demo."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+from typer.core import TyperCommand
+
+from .errors import report_input_errors
 
 app = typer.Typer(
     name="sia",
@@ -13,15 +20,6 @@ app = typer.Typer(
 )
 
 
-# --- sia generate -------------------------------------------------------------------------------
-from pathlib import Path as _Path  # noqa: E402
-from typing import Annotated as _Annotated  # noqa: E402
-
-from typer.core import TyperCommand as _TyperCommand  # noqa: E402
-
-from .errors import report_input_errors as _report_input_errors  # noqa: E402
-
-
 def _looks_like_number(text: str) -> bool:
     try:
         float(text)
@@ -30,7 +28,7 @@ def _looks_like_number(text: str) -> bool:
     return True
 
 
-class _StrengthRangeCommand(_TyperCommand):
+class _StrengthRangeCommand(TyperCommand):
     """Lets ``--strength 0.1 0.2`` (two values after one flag) reach the option as ``"0.1,0.2"``."""
 
     def parse_args(self, ctx, args):
@@ -52,25 +50,25 @@ class _StrengthRangeCommand(_TyperCommand):
 
 
 @app.command("generate", cls=_StrengthRangeCommand)
-@_report_input_errors
+@report_input_errors
 def generate_command(
-    category: _Annotated[list[str], typer.Option(
+    category: Annotated[list[str], typer.Option(
         help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several.")],
-    model: _Annotated[str | None, typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="Saved SDASPipeline folder, Hugging Face Hub id, or a benchmark name (mvtec-ad, visa, mpdd, btad). Default: "
              "the benchmark's SDAS pipeline on the Hub (sia-realnet/sdas-<benchmark>; override with SIA_SDAS_REPO_<BENCHMARK>).")] = None,
-    output: _Annotated[_Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")] = _Path("sia-images"),
-    strength: _Annotated[str, typer.Option(
+    output: Annotated[Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")] = Path("sia-images"),
+    strength: Annotated[str, typer.Option(
         help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
              "(s ~ U(MIN, MAX) per image; official: 0.1 0.2).")] = "0.1,0.2",
-    num_images: _Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
-    seed: _Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly.")] = 0,
-    batch_size: _Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
-    steps: _Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
-    sampler: _Annotated[str, typer.Option(help="ddpm (official ancestral SDAS sampler) or ddim (deterministic DDIM + s*Sigma noise; use small s, e.g. 0.01-0.03).")] = "ddpm",
-    revision: _Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model; recorded as a commit hash.")] = None,
-    device: _Annotated[str | None, typer.Option(help="Device, e.g. cpu, cuda, cuda:1 (default: this process's accelerator, or cpu).")] = None,
-    dtype: _Annotated[str, typer.Option(help="UNet weights dtype: float32, float16 or bfloat16 (half precision on GPU; scheduler math stays float32).")] = "float32",
+    num_images: Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
+    seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
+    steps: Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
+    sampler: Annotated[str, typer.Option(help="ddpm (official ancestral SDAS sampler) or ddim (deterministic DDIM + s*Sigma noise; use small s, e.g. 0.01-0.03).")] = "ddpm",
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model; recorded as a commit hash.")] = None,
+    device: Annotated[str | None, typer.Option(help="Device, e.g. cpu, cuda, cuda:1 (default: this process's accelerator, or cpu).")] = None,
+    dtype: Annotated[str, typer.Option(help="UNet weights dtype: float32, float16 or bfloat16 (half precision on GPU; scheduler math stays float32).")] = "float32",
 ) -> None:
     """Sample SDAS anomaly images into a resumable imagefolder dataset (shard with torchrun/accelerate launch)."""
     from .generate import generate_dataset
@@ -82,53 +80,49 @@ def generate_command(
         typer.echo(f"{summary.generated} generated, {summary.skipped} already present, {summary.total} images in {summary.output}")
 
 
-from .errors import report_input_errors  # noqa: E402
-
-
 @app.command("train")
 @report_input_errors
 def train_command(
-    data: str = typer.Option(..., "--data", help="Folder of normal images: <root>/<category>/train/good/* (MVTec style), "
-                             "<root>/<category>/* (one sub-folder per category) or one folder of images (one category)."),
-    output: str = typer.Option(..., "--output", help="Run folder: training_config.json, checkpoints/, samples/, train_log.jsonl "
-                               "and the final SDASPipeline in <output>/pipeline (pass that to `sia generate --model`)."),
-    categories: str = typer.Option(None, "--categories", help="Comma-separated category sub-folders to train on, in class-id "
-                                   "order (default: all; known benchmark categories keep the official order)."),
-    preset: str = typer.Option("adm-256", "--preset", help="UNet preset: adm-256 (official SDAS, GPU), small-64 (~10 M "
-                               "parameters, trains on a CPU in hours) or tiny-32 (CPU demos and tests)."),
-    image_size: int = typer.Option(None, "--image-size", help="Training resolution (bilinear resize, no crop); any multiple "
-                                   "of the preset's down factor. Default: the preset's size (256 for adm-256)."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer updates to train for (default 10000 unless --epochs)."),
-    epochs: float = typer.Option(None, "--epochs", help="Passes over the images instead of --steps."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per process and micro-batch (official: 5 per GPU)."),
-    gradient_accumulation: int = typer.Option(1, "--gradient-accumulation", help="Micro-batches averaged per update "
-                                              "(official: 3, with 4 GPUs x 5 = effective batch 60)."),
-    learning_rate: float = typer.Option(1e-4, "--lr", help="Adam learning rate (official 1e-4, no schedule)."),
-    ema_decay: float = typer.Option(0.9999, "--ema-decay", help="EMA decay of the weights that are saved and sampled."),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 (CUDA) or bf16."),
-    init_from: str = typer.Option(None, "--init-from", help="Initialise from a diffusers UNet2DModel or pipeline folder, a "
-                                  "Hub id, a .safetensors file or an ADM .pt checkpoint (e.g. OpenAI's ImageNet 256x256 "
-                                  "model); tensors with matching key and shape are copied, the rest is reported."),
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", help="Save a resumable checkpoint every N steps "
-                                         "(the last 2 are kept)."),
-    sample_every: int = typer.Option(1000, "--sample-every", help="Write samples/step_N.png (rows s = 0, 0.1, 0.2 from "
-                                     "one fixed noise, EMA weights) every N steps; 0 disables."),
-    sample_steps: int = typer.Option(20, "--sample-steps", help="Sampling steps for the preview grids."),
-    seed: int = typer.Option(100, "--seed", help="Seed of the initialisation, batches, timesteps and noise."),
-    horizontal_flip: bool = typer.Option(False, "--horizontal-flip/--no-horizontal-flip", help="Random horizontal "
-                                         "flips (the official recipe uses none)."),
-    num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier run in --output and start again."),
-    cpu: bool = typer.Option(False, "--cpu", help="Train on the CPU even if a GPU is available."),
+    data: Annotated[str, typer.Option("--data", help="Folder of normal images: <root>/<category>/train/good/* (MVTec style), "
+                                      "<root>/<category>/* (one sub-folder per category) or one folder of images (one category).")],
+    output: Annotated[str, typer.Option("--output", help="Run folder: training_config.json, checkpoints/, samples/, train_log.jsonl "
+                                        "and the final SDASPipeline in <output>/pipeline (pass that to `sia generate --model`).")],
+    categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated category sub-folders to train on, in "
+                                                      "class-id order (default: all; known benchmark categories keep the official order).")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="UNet preset: adm-256 (official SDAS, GPU), small-64 (~10 M parameters, "
+                                        "trains on a CPU in hours) or tiny-32 (CPU demos and tests).")] = "adm-256",
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Training resolution (bilinear resize, no crop); any "
+                                                      "multiple of the preset's down factor. Default: the preset's size (256 for adm-256).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates to train for (default 10000 unless --epochs).")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the images instead of --steps.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per process and micro-batch (official: 5 per GPU).")] = 8,
+    gradient_accumulation: Annotated[int, typer.Option("--gradient-accumulation", help="Micro-batches averaged per update "
+                                                       "(official: 3, with 4 GPUs x 5 = effective batch 60).")] = 1,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Adam learning rate (official 1e-4, no schedule).")] = 1e-4,
+    ema_decay: Annotated[float, typer.Option("--ema-decay", help="EMA decay of the weights that are saved and sampled.")] = 0.9999,
+    mixed_precision: Annotated[str, typer.Option("--mixed-precision", help="no, fp16 (CUDA) or bf16.")] = "no",
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Initialise from a diffusers UNet2DModel or pipeline "
+                                                     "folder, a Hub id, a .safetensors file or an ADM .pt checkpoint (e.g. OpenAI's "
+                                                     "ImageNet 256x256 model); tensors with matching key and shape are copied, the rest "
+                                                     "is reported.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save a resumable checkpoint every N steps "
+                                                  "(the last 2 are kept).")] = 1000,
+    sample_every: Annotated[int, typer.Option("--sample-every", help="Write samples/step_N.png (rows s = 0, 0.1, 0.2 from one "
+                                              "fixed noise, EMA weights) every N steps; 0 disables.")] = 1000,
+    sample_steps: Annotated[int, typer.Option("--sample-steps", help="Sampling steps for the preview grids.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation, batches, timesteps and noise.")] = 100,
+    horizontal_flip: Annotated[bool, typer.Option("--horizontal-flip/--no-horizontal-flip", help="Random horizontal flips "
+                                                  "(the official recipe uses none).")] = False,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="Data-loading worker processes.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its latest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an earlier run in --output and start again.")] = False,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is available.")] = False,
 ) -> None:
     """Train the class-conditional SDAS diffusion model on normal images (IDDPM hybrid loss, EMA).
 
     Multi-GPU: `accelerate launch --multi_gpu --num_processes 4 $(which sia) train ...` or
     `torchrun --nproc_per_node 4 $(which sia) train ...` (--batch-size is per process).
     """
-    import os
-
     from .training import DiffusionTrainingConfig, train_diffusion
 
     names = [c.strip() for c in (categories or "").split(",") if c.strip()] or None
@@ -145,24 +139,23 @@ def train_command(
         typer.echo(f"pipeline: {pipeline}")
 
 
-# --- sia preview --------------------------------------------------------------------------------
 @app.command("preview")
 @report_input_errors
 def preview_command(
-    images: str = typer.Option(..., "--images", help="Folder of normal images to turn into anomalies (any size or mode; "
-                               "sorted, row i uses image i, cycling)."),
-    source: str = typer.Option(..., "--source", help="Anomaly source: an SIA image folder (or sia:PATH; its <category> "
-                               "sub-folder is used when present), dtd:PATH (texture folder, 3 random augmentations) or "
-                               "cutpaste (content from elsewhere in the same image)."),
-    category: str = typer.Option("none", "--category", help="Foreground recipe: a benchmark category (bottle, "
-                                 "mvtec-ad/bottle, visa/pcb1, ...), none (whole image) or auto (Otsu, polarity "
-                                 "chosen by the image border)."),
-    out: str = typer.Option(..., "--out", help="PNG file to write: one row per sample, columns normal | anomalous | "
-                            "mask outline (red)."),
-    n: int = typer.Option(16, "--n", help="Number of rows (samples)."),
-    seed: int = typer.Option(0, "--seed", help="Row i uses seed + i; the same seed gives the same grid."),
-    size: int = typer.Option(256, "--size", help="Side of each square panel in pixels (images are resized, no crop)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it already exists."),
+    images: Annotated[str, typer.Option("--images", help="Folder of normal images to turn into anomalies (any size or mode; "
+                                        "sorted, row i uses image i, cycling).")],
+    source: Annotated[str, typer.Option("--source", help="Anomaly source: an SIA image folder (or sia:PATH; its <category> "
+                                        "sub-folder is used when present), dtd:PATH (texture folder, 3 random augmentations) "
+                                        "or cutpaste (content from elsewhere in the same image).")],
+    out: Annotated[str, typer.Option("--out", help="PNG file to write: one row per sample, columns normal | anomalous | "
+                                     "mask outline (red).")],
+    category: Annotated[str, typer.Option("--category", help="Foreground recipe: a benchmark category (bottle, "
+                                          "mvtec-ad/bottle, visa/pcb1, ...), none (whole image) or auto (Otsu, polarity "
+                                          "chosen by the image border).")] = "none",
+    n: Annotated[int, typer.Option("--n", help="Number of rows (samples).")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Row i uses seed + i; the same seed gives the same grid.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Side of each square panel in pixels (images are resized, no crop).")] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it already exists.")] = False,
 ) -> None:
     """Preview synthetic anomalies (Perlin mask x foreground x blended source) as a PNG grid."""
     from .preview import save_preview
@@ -172,28 +165,24 @@ def preview_command(
     typer.echo(f"preview: {path}")
 
 
-# --- sia push / sia convert-official ------------------------------------------------------------
-from typing import Optional as _Optional  # noqa: E402
-
-
 @app.command("push")
-@_report_input_errors
+@report_input_errors
 def push_command(
-    folder: _Annotated[_Path, typer.Argument(help="SIA folder to publish: the output of `sia generate` or of "
+    folder: Annotated[Path, typer.Argument(help="SIA folder to publish: the output of `sia generate` or of "
                                              "`sia convert-official` (<category>/* images + metadata.jsonl).")],
-    repo_id: _Annotated[str, typer.Option("--repo-id", help="Hub dataset repo ORG/NAME (created if missing).")],
-    private: _Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
-    revision: _Annotated[_Optional[str], typer.Option("--revision", help="Branch to upload to (created if missing); "
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub dataset repo ORG/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch to upload to (created if missing); "
                                                       "default: main.")] = None,
-    dataset: _Annotated[_Optional[str], typer.Option("--dataset", help="Source benchmark (mvtec-ad, visa, mpdd, btad) "
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Source benchmark (mvtec-ad, visa, mpdd, btad) "
                                                      "for the card's licence and citations; default: guessed from "
                                                      "the category names.")] = None,
-    license: _Annotated[_Optional[str], typer.Option("--license", help="Licence id for sets made from custom data "
+    license: Annotated[Optional[str], typer.Option("--license", help="Licence id for sets made from custom data "
                                                      "(benchmark sets always inherit cc-by-nc-sa-4.0).")] = None,
-    max_shard_size: _Annotated[str, typer.Option("--max-shard-size", help="Largest parquet shard, e.g. 500MB.")] = "500MB",
-    stage_only: _Annotated[_Optional[_Path], typer.Option("--stage-only", help="Only build the upload (parquet "
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest parquet shard, e.g. 500MB.")] = "500MB",
+    stage_only: Annotated[Optional[Path], typer.Option("--stage-only", help="Only build the upload (parquet "
                                                           "shards + README.md card) in this folder; no network.")] = None,
-    overwrite: _Annotated[bool, typer.Option("--overwrite", help="With --stage-only: replace a non-empty folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="With --stage-only: replace a non-empty folder.")] = False,
 ) -> None:
     """Publish an SIA folder as a Hub dataset: data/<category>/train-*.parquet + a dataset card."""
     from .hub import push_sia_dataset, stage_sia_dataset
@@ -209,20 +198,20 @@ def push_command(
 
 
 @app.command("convert-official")
-@_report_input_errors
+@report_input_errors
 def convert_official_command(
-    source: _Annotated[_Path, typer.Argument(help="An official SDAS diffusion checkpoint (.pt / .pth.tar, e.g. the "
+    source: Annotated[Path, typer.Argument(help="An official SDAS diffusion checkpoint (.pt / .pth.tar, e.g. the "
                                              "MVTec-AD epoch-240 EMA weights) or an official SIA folder "
                                              "(<DS>/sdas with one sub-folder of .jpg per category).")],
-    output: _Annotated[_Path, typer.Argument(help="Folder to write: an SDASPipeline (checkpoint) or an SIA set "
+    output: Annotated[Path, typer.Argument(help="Folder to write: an SDASPipeline (checkpoint) or an SIA set "
                                              "(folder).")],
-    dataset: _Annotated[str, typer.Option("--dataset", help="Benchmark the source belongs to (mvtec-ad, visa, mpdd, "
+    dataset: Annotated[str, typer.Option("--dataset", help="Benchmark the source belongs to (mvtec-ad, visa, mpdd, "
                                           "btad): fixes the category order = class ids, licence and citations.")] = "mvtec-ad",
-    image_size: _Annotated[int, typer.Option("--image-size", help="Image size the diffusion model was trained "
+    image_size: Annotated[int, typer.Option("--image-size", help="Image size the diffusion model was trained "
                                              "at (official: 256).")] = 256,
-    head_channels: _Annotated[int, typer.Option("--head-channels", help="Attention head width of the UNet "
+    head_channels: Annotated[int, typer.Option("--head-channels", help="Attention head width of the UNet "
                                                 "(official: 64).")] = 64,
-    overwrite: _Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Convert official RealNet releases: diffusion checkpoint -> SDASPipeline, SIA images -> SIA set."""
     from .convert import convert_official_sdas, convert_official_sia
@@ -236,16 +225,15 @@ def convert_official_command(
         typer.echo(f"SDAS pipeline: {out} (load with SDASPipeline.from_pretrained)")
 
 
-# --- sia demo -----------------------------------------------------------------------------------
 @app.command("demo")
-@_report_input_errors
+@report_input_errors
 def demo_command(
-    out: _Annotated[_Path, typer.Option("--out", help="Folder for the pictures, models and summary.json "
-                                        "(must be empty or new, unless --overwrite).")] = _Path("sia-demo"),
-    preset: _Annotated[str, typer.Option("--preset", help="quick (about 5 minutes on 2 CPU cores, the README "
+    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures, models and summary.json "
+                                        "(must be empty or new, unless --overwrite).")] = Path("sia-demo"),
+    preset: Annotated[str, typer.Option("--preset", help="quick (about 5 minutes on 2 CPU cores, the README "
                                          "pictures), tiny (about a minute, rough) or test (seconds, smoke test).")] = "quick",
-    seed: _Annotated[int, typer.Option("--seed", help="Seed of every stage; the same seed gives the same run.")] = 0,
-    overwrite: _Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out folder, replacing an "
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every stage; the same seed gives the same run.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out folder, replacing an "
                                              "earlier demo's files (other files are left alone).")] = False,
 ) -> None:
     """Run the whole pipeline offline on bundled hazelnut photos: train SDAS, sweep strengths, generate
