@@ -201,7 +201,7 @@ BENCHMARKS = [
     Benchmark("sdas", "SDAS sampling step", "sdas.py", "sdas.json", render_sdas, ((),)),
     Benchmark("diffusion_train", "SDAS diffusion training step", "diffusion_train.py", "diffusion_train.json",
               render_diffusion_train, ((),)),
-    Benchmark("realnet", "RealNet inference and training step", "realnet.py", "realnet.json", render_realnet,
+    Benchmark("realnet", "RealNet inference and training step", "realnet_speed.py", "realnet_speed.json", render_realnet,
               (("--quick",),)),
     Benchmark("recipe", "Real-data accuracy: RealNet recipes vs PatchCore (hazelnut_toy, kolektorsdd)", "recipe.py",
               "recipe.json", render_recipe, ((), ("--report",)), heavy=True),

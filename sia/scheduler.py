@@ -51,6 +51,17 @@ def learned_range_log_variance(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: to
     return frac * max_log + (1 - frac) * min_log
 
 
+def _per_sample_log_variance(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, previous: torch.Tensor,
+                             final_alpha_cumprod: torch.Tensor, predicted_variance: torch.Tensor) -> torch.Tensor:
+    """`learned_range_log_variance` for (B,) timesteps and their previous timesteps (-1: before the first)."""
+    alpha_prod_t = alphas_cumprod[timesteps]
+    alpha_prod_t_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)], final_alpha_cumprod)
+    shape = (-1,) + (1,) * (predicted_variance.ndim - 1)
+    device = predicted_variance.device
+    return learned_range_log_variance(alpha_prod_t.reshape(shape).to(device),
+                                      alpha_prod_t_prev.reshape(shape).to(device), predicted_variance)
+
+
 def _strength_factor(anomaly_strength: StrengthLike, like: torch.Tensor, offset: float) -> torch.Tensor | float:
     """``sqrt(offset + s)`` as a python float or a (B,1,...,1) tensor broadcastable against `like`."""
     if isinstance(anomaly_strength, torch.Tensor):
@@ -138,14 +149,8 @@ class SDASScheduler(DDPMScheduler):
             alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
             return learned_range_log_variance(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
         timesteps = t.detach().long().cpu()
-        prev = self._previous_timesteps(timesteps)
-        alphas = self.alphas_cumprod
-        alpha_prod_t = alphas[timesteps]
-        alpha_prod_t_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], self.one)
-        shape = (-1,) + (1,) * (predicted_variance.ndim - 1)
-        device = predicted_variance.device
-        return learned_range_log_variance(alpha_prod_t.reshape(shape).to(device),
-                                          alpha_prod_t_prev.reshape(shape).to(device), predicted_variance)
+        return _per_sample_log_variance(self.alphas_cumprod, timesteps, self._previous_timesteps(timesteps), self.one,
+                                        predicted_variance)
 
     def step(
         self,
@@ -242,13 +247,8 @@ class SDASDDIMScheduler(DDIMScheduler):
             alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
             return learned_range_log_variance(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
         timesteps = t.detach().long().cpu()
-        prev = timesteps - stride
-        alpha_prod_t = self.alphas_cumprod[timesteps]
-        alpha_prod_t_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.final_alpha_cumprod)
-        shape = (-1,) + (1,) * (predicted_variance.ndim - 1)
-        device = predicted_variance.device
-        return learned_range_log_variance(alpha_prod_t.reshape(shape).to(device),
-                                          alpha_prod_t_prev.reshape(shape).to(device), predicted_variance)
+        return _per_sample_log_variance(self.alphas_cumprod, timesteps, timesteps - stride, self.final_alpha_cumprod,
+                                        predicted_variance)
 
     def step(
         self,
