@@ -35,6 +35,31 @@ def unpack_afs_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     raise InputError("AFS batch: expected (anomalous images, clean images, masks) or a dict with those keys")
 
 
+def check_afs_batch(images: Any, clean_images: Any, masks: Any) -> torch.Tensor:
+    """Check one AFS batch's shapes and return its masks as (B,1,H,W) floats in {0,1}.
+
+    Masks are binarised with `> 0`, so 0/255 and soft masks give the loss of a {0,1} label instead
+    of a meaningless one; wrong shapes are refused here rather than inside `F.interpolate`.
+    """
+    for what, value in (("images", images), ("clean images", clean_images)):
+        if not isinstance(value, torch.Tensor) or value.ndim != 4:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"AFS batch: expected {what} as a tensor (B,3,H,W), got {shape}")
+    if clean_images.shape != images.shape:
+        raise InputError(
+            f"AFS batch: clean images {tuple(clean_images.shape)} must have the shape of the anomalous images "
+            f"{tuple(images.shape)}"
+        )
+    if not isinstance(masks, torch.Tensor) or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1):
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise InputError(f"AFS batch: expected masks as a tensor (B,H,W) or (B,1,H,W), got {shape}")
+    masks = masks[:, None] if masks.ndim == 3 else masks
+    expected = (images.shape[0], 1, *images.shape[-2:])
+    if tuple(masks.shape) != expected:
+        raise InputError(f"AFS batch: masks {tuple(masks.shape)} do not match the images; expected {expected}")
+    return (masks > 0).float()
+
+
 def channel_losses(anomalous: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-channel AFS loss of one batch for one layer: (B,C,h,w) features, (B,1,H,W) mask -> (C,)."""
     b, c, h, w = anomalous.shape
@@ -78,6 +103,7 @@ def accumulate_channel_losses(
     totals: list[torch.Tensor] | None = None
     for batch in tqdm(_cycle(batches, num_batches), total=num_batches, desc="AFS", disable=not progress):
         images, clean_images, masks = unpack_afs_batch(batch)
+        masks = check_afs_batch(images, clean_images, masks)
         anomalous_feats = feature_fn(images)
         clean_feats = feature_fn(clean_images)
         masks = masks.to(anomalous_feats[0].device)
@@ -89,15 +115,21 @@ def accumulate_channel_losses(
 
 
 def select_lowest(losses: torch.Tensor, k: int, what: str = "afs_channels") -> torch.Tensor:
-    """Indices of the k lowest-loss channels, sorted ascending by channel index; NaN counts as worst."""
+    """Indices of the k lowest-loss channels, returned sorted ascending by channel index.
+
+    As in the official code, NaN losses are first replaced by the largest non-NaN loss (0 if all are
+    NaN), so a NaN channel ties with the worst real channel. Ties are broken by the lower channel
+    index (stable sort by loss, then index), so the choice never depends on `torch.topk` internals.
+    """
     if k > losses.numel() or k < 1:
         raise InputError(f"{what}: cannot keep {k} channels of a layer with {losses.numel()} channels")
-    losses = losses.clone()
+    losses = losses.detach().clone()
     nan = torch.isnan(losses)
     if nan.any():
         finite = losses[~nan]
         losses[nan] = finite.max() if finite.numel() else 0.0
-    return torch.topk(losses, k, largest=False).indices.sort().values
+    order = torch.sort(losses, stable=True).indices  # equal losses keep ascending channel order
+    return order[:k].sort().values
 
 
 def select_channels(losses: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -117,13 +149,30 @@ class FeatureSelector(torch.nn.Module):
                 raise InputError(f"afs_channels[{i}]: {k} channels requested but the layer has only {c}")
             # Until AFS has run, the first k channels stand in (all of them when k == C).
             self.register_buffer(f"indices_{i}", torch.arange(int(k)))
+        self.channels = [int(c) for c in channels]
         self.sizes = [int(k) for k in sizes]
         self.register_buffer("ready", torch.tensor(False))
 
     def indices(self) -> list[torch.Tensor]:
         return [getattr(self, f"indices_{i}") for i in range(len(self.sizes))]
 
+    def check_indices(self, indices: Sequence[torch.Tensor], source: str = "AFS indices") -> None:
+        """Refuse indices that `index_select` would reject late or, if unsorted/duplicated, use silently."""
+        if len(indices) != len(self.sizes):
+            raise InputError(f"{source}: expected {len(self.sizes)} index tensors (one per layer), got {len(indices)}")
+        for i, (idx, c, k) in enumerate(zip(indices, self.channels, self.sizes)):
+            idx = torch.as_tensor(idx)
+            if idx.ndim != 1 or idx.numel() != k or idx.is_floating_point() or idx.is_complex():
+                raise InputError(f"{source}: layer {i} needs {k} integer channel indices, got shape {tuple(idx.shape)} "
+                                 f"of dtype {idx.dtype}")
+            if int(idx.min()) < 0 or int(idx.max()) >= c:
+                raise InputError(f"{source}: layer {i} has channel indices in [{int(idx.min())}, {int(idx.max())}] "
+                                 f"but the layer has channels 0..{c - 1}")
+            if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise InputError(f"{source}: layer {i} channel indices must be sorted ascending and unique")
+
     def set_indices(self, indices: Sequence[torch.Tensor]) -> None:
+        self.check_indices(indices)
         for i, idx in enumerate(indices):
             getattr(self, f"indices_{i}").copy_(idx)
         self.ready.fill_(True)

@@ -7,6 +7,7 @@ images in [0, 1] and cannot forget (or double-apply) the ImageNet statistics.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +51,21 @@ _LUKEMELAS_STEM_AND_HEAD = {
     "_bn1.": "bn2.",
     "_fc.": "classifier.",
 }
+
+
+def check_layers(layers: Sequence[int]) -> tuple[int, ...]:
+    """Feature indices as ints, strictly ascending and unique.
+
+    timm returns the feature maps in module order whatever the order of `out_indices`, so any other
+    order would silently pair the channel counts and strides with the wrong levels.
+    """
+    values = list(layers) if isinstance(layers, (list, tuple)) else []
+    integers = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in values)
+    if not values or not integers or any(b <= a for a, b in zip(values, values[1:])):
+        raise InputError(
+            f"layers: expected strictly ascending, unique integer feature indices such as [1, 2, 3, 4], got {layers!r}"
+        )
+    return tuple(int(i) for i in values)
 
 
 def create_feature_extractor(name: str, layers: Sequence[int], pretrained: bool) -> nn.Module:
@@ -158,7 +174,7 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name = name
-        self.layers = tuple(int(i) for i in layers)
+        self.layers = check_layers(layers)
         self.model = create_feature_extractor(name, self.layers, pretrained=pretrained and weights is None)
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         mean = cfg.get("mean", (0.485, 0.456, 0.406))

@@ -63,7 +63,7 @@ def reconstruction_loss(
 ) -> torch.Tensor:
     """Sum over feature levels of the MSE between reconstructed and clean (selected) features."""
     if len(reconstructions) != len(clean_features):
-        raise ValueError(
+        raise InputError(
             f"reconstruction_loss: {len(reconstructions)} reconstructions for {len(clean_features)} feature levels"
         )
     total = reconstructions[0].new_zeros((), dtype=torch.float32)

@@ -53,12 +53,22 @@ def _to_numpy(values: Any, name: str) -> np.ndarray:
         if values.dtype in (torch.float16, torch.bfloat16):
             values = values.float()
         return values.cpu().numpy()
-    if isinstance(values, (list, tuple)) and values and isinstance(values[0], torch.Tensor):
+    if isinstance(values, (list, tuple)) and values and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in values):
+        shapes = sorted({tuple(v.shape) for v in values})
+        if len(shapes) > 1:
+            raise InputError(f"{name}: all entries must have the same shape, got shapes {', '.join(map(str, shapes))}")
         return np.stack([_to_numpy(v, name) for v in values])
     try:
         return np.asarray(values)
     except (TypeError, ValueError) as err:
-        raise InputError(f"{name}: expected a numpy array or torch tensor ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{name}: expected a numpy array or torch tensor of equal-shaped entries ({first})") from None
+
+
+def _require_numeric(array: np.ndarray, name: str) -> None:
+    """Labels and masks are compared with `> 0`, which is meaningless (or a numpy error) for strings."""
+    if array.dtype != bool and not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{name}: expected numbers or booleans (1/True = anomalous), got dtype {array.dtype}")
 
 
 def _as_scores(values: Any, name: str) -> np.ndarray:
@@ -81,11 +91,14 @@ def _as_maps(values: Any, name: str) -> np.ndarray:
         array = array[None]
     if array.ndim != 3:
         raise InputError(f"{name}: expected shape (N, H, W) or (N, 1, H, W), got {tuple(array.shape)}")
+    if array.size == 0:
+        raise InputError(f"{name}: no anomaly maps (got shape {tuple(array.shape)}); need at least one non-empty map")
     return array
 
 
 def _as_binary_masks(values: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
     array = _to_numpy(values, name)
+    _require_numeric(array, name)
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     elif array.ndim == 2:
@@ -97,6 +110,7 @@ def _as_binary_masks(values: Any, name: str, shape: tuple[int, ...]) -> np.ndarr
 
 def _as_labels(values: Any, name: str, length: int) -> np.ndarray:
     array = _to_numpy(values, name).reshape(-1)
+    _require_numeric(array, name)
     if array.shape[0] != length:
         raise InputError(f"{name}: {array.shape[0]} labels for {length} scores")
     return array > 0
@@ -320,10 +334,7 @@ def f1_optimal_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     how the official code picks the threshold of its exported overlays.
     """
     scores = _as_scores(scores, "scores").reshape(-1)
-    truth = _to_numpy(labels, "labels").reshape(-1)
-    if truth.shape[0] != scores.shape[0]:
-        raise InputError(f"labels: {truth.shape[0]} labels for {scores.shape[0]} scores")
-    truth = truth > 0
+    truth = _as_labels(labels, "labels", scores.shape[0])
     positives = int(truth.sum())
     if positives == 0:
         raise InputError("f1_optimal_threshold: no anomalous samples (label 1 / mask > 0)")

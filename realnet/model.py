@@ -8,6 +8,7 @@ frozen backbone included, so a saved model runs offline without timm/Hub weight 
 from __future__ import annotations
 
 import contextvars
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from sia.errors import InputError
@@ -30,6 +41,8 @@ REPO_URL = "https://github.com/sia-realnet/sia"
 OFFICIAL_AFS_CHANNELS = (256, 512, 512, 256)
 IMAGE_SCORE_MODES = ("pool16", "max")
 WEIGHTS_NAME = "model.safetensors"
+# What the Hub client raises for a repo, revision or file it cannot get (offline: not cached).
+_HUB_ERRORS = (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled)
 
 # Set while `from_pretrained` builds a model whose weights come from the checkpoint, so that the
 # backbone is created without downloading or reading any other weights.
@@ -45,10 +58,19 @@ def default_afs_channels(channels: Sequence[int]) -> list[int]:
     return [min(c, OFFICIAL_AFS_CHANNELS[i] if i < len(OFFICIAL_AFS_CHANNELS) else 512) for i, c in enumerate(channels)]
 
 
+def _integral(value: Any) -> int | None:
+    """`value` as an int if it is a whole number (64, 64.0, numpy ints), else None; bools are not sizes."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
 def _pair(value: int | Sequence[int], what: str) -> list[int]:
-    values = [value, value] if isinstance(value, int) else [int(v) for v in value]
-    if len(values) != 2 or min(values) < 32:
-        raise InputError(f"{what}: expected an int or (height, width), each at least 32, got {value!r}")
+    """One size or (height, width) -> [height, width]; JSON configs may hold 64.0 for 64."""
+    items = [value, value] if isinstance(value, numbers.Real) else value
+    values = [_integral(v) for v in items] if isinstance(items, (list, tuple)) else []
+    if len(values) != 2 or None in values or min(values) < 32:
+        raise InputError(f"{what}: expected an int or (height, width), each a whole number >= 32, got {value!r}")
     return values
 
 
@@ -186,6 +208,11 @@ class RealNet(
     def device(self) -> torch.device:
         return self.backbone.mean.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the model (follows `.half()` / `.double()`); inputs are cast to it."""
+        return self.backbone.mean.dtype
+
     def train(self, mode: bool = True) -> RealNet:
         """Set train mode on the trainable parts; the backbone always stays in eval mode."""
         super().train(mode)
@@ -198,12 +225,23 @@ class RealNet(
 
     # ------------------------------------------------------------------ features
     def _check_images(self, images: Any, what: str) -> torch.Tensor:
+        """(B,3,H,W) float images in [0,1] or uint8 in 0..255 -> float images in [0,1] on the model.
+
+        uint8 is scaled by 1/255 (an image tensor straight from a decoder); other integer dtypes have
+        no agreed range and are refused; floats of another precision are cast to the model's dtype.
+        """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise InputError(f"{what}: expected a float tensor (B,3,H,W) with values in [0,1], got {shape}")
         if min(images.shape[-2:]) < 32:
             raise InputError(f"{what}: images must be at least 32x32 pixels, got {tuple(images.shape[-2:])}")
-        return images.to(self.device, torch.float32) if not images.is_floating_point() else images.to(self.device)
+        if images.dtype == torch.uint8:
+            return images.to(self.device, self.dtype) / 255
+        if not images.is_floating_point():
+            raise InputError(
+                f"{what}: expected float images in [0,1] or uint8 images in 0..255, got dtype {images.dtype}"
+            )
+        return images.to(self.device, self.dtype)
 
     def backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """All channels of the backbone levels (standardised when enabled); no gradients."""
@@ -302,6 +340,8 @@ class RealNet(
         `images`: (B,3,H,W) or (3,H,W) in [0,1]. With `resize`, images are resized to `image_size`
         (bilinear, antialiased) and the maps are returned at `image_size`, as in the official evaluation.
         """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images.unsqueeze(0)
         images = self._check_images(images, "images")
@@ -311,7 +351,7 @@ class RealNet(
         self.eval()
         try:
             maps, scores = [], []
-            for start in range(0, images.shape[0], max(1, batch_size)):
+            for start in range(0, images.shape[0], batch_size):
                 out = self(images[start : start + batch_size])
                 maps.append(out.anomaly_map.cpu())
                 scores.append(out.image_score.cpu())
@@ -320,6 +360,20 @@ class RealNet(
         return RealNetPrediction(anomaly_map=torch.cat(maps), image_score=torch.cat(scores))
 
     # ------------------------------------------------------------------ hub loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RealNet:
+        """Load from a model folder or a Hub repo id (`PyTorchModelHubMixin.from_pretrained` arguments).
+
+        A folder that does not exist, an invalid repo id, or a repo/revision/file that cannot be
+        found (offline: not in the cache) is a one-line InputError naming it, not a Hub traceback.
+        """
+        name = str(pretrained_model_name_or_path)
+        _check_model_location(name)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except _HUB_ERRORS as err:
+            raise _hub_input_error(name, kwargs.get("revision"), "config.json", err) from None
+
     @classmethod
     def _from_pretrained(
         cls,
@@ -335,16 +389,17 @@ class RealNet(
         config: dict | None = None,
         **model_kwargs,
     ) -> RealNet:
-        """Build from config.json and load model.safetensors strictly; never unpickles, never downloads backbone weights."""
-        if config is None:
-            raise InputError(f"pretrained_model_name_or_path: no config.json found for {model_id!r}")
+        """Build from config.json and load model.safetensors strictly; never unpickles, never downloads backbone weights.
+
+        The weights are resolved before the config is checked: the mixin swallows Hub errors on
+        config.json, so a missing repo would otherwise be reported as a missing config.
+        """
         if os.path.isdir(model_id):
             weights_file = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(weights_file):
                 raise InputError(f"pretrained_model_name_or_path: {model_id!r} has no {WEIGHTS_NAME}")
         else:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
             try:
                 weights_file = hf_hub_download(
@@ -356,19 +411,64 @@ class RealNet(
                     token=token,
                     local_files_only=local_files_only,
                 )
-            except (EntryNotFoundError, LocalEntryNotFoundError) as err:
-                raise InputError(
-                    f"pretrained_model_name_or_path: cannot get {WEIGHTS_NAME} of {model_id!r} ({type(err).__name__})"
-                ) from None
+            except _HUB_ERRORS as err:
+                raise _hub_input_error(model_id, revision, WEIGHTS_NAME, err) from None
+        if config is None:
+            raise InputError(f"pretrained_model_name_or_path: no config.json found for {model_id!r}")
         marker = _BUILDING_FROM_CHECKPOINT.set(True)
         try:
             model = cls(**model_kwargs)
         finally:
             _BUILDING_FROM_CHECKPOINT.reset(marker)
         load_weights_file(model, weights_file, strict=strict)
+        model.selector.check_indices(model.selector.indices(), source=f"{weights_file}: AFS indices")
+        if strict and not model.afs_ready:
+            raise InputError(
+                f"{weights_file}: the model was saved before feature selection (AFS), so its channels are "
+                "placeholders; run select_features (training does) before save_pretrained"
+            )
         model.to(map_location)
         model.eval()
         return model
+
+
+def _check_model_location(name: str) -> None:
+    """Refuse early what is neither an existing model folder nor a syntactically valid Hub repo id."""
+    if os.path.isdir(name):
+        return
+    what = "pretrained_model_name_or_path"
+    if os.path.exists(name):
+        raise InputError(
+            f"{what}: {name!r} is a file; expected a model folder (config.json + {WEIGHTS_NAME}) or a Hub repo id"
+        )
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
+        raise InputError(f"{what}: the folder {name!r} does not exist")
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise InputError(
+            f"{what}: {name!r} is neither an existing folder nor a valid Hub repo id ('name' or 'owner/name')"
+        ) from None
+
+
+def _hub_input_error(model_id: str, revision: str | None, filename: str, err: BaseException) -> InputError:
+    """One line saying which of repo, revision or file could not be had, instead of a Hub traceback."""
+    where = f"pretrained_model_name_or_path: {model_id!r}"
+    if isinstance(err, RepositoryNotFoundError):
+        return InputError(f"{where}: no such Hub repo, or it is private/gated (log in or pass token=)")
+    if isinstance(err, RevisionNotFoundError):
+        return InputError(f"{where}: revision {revision!r} not found on the Hub")
+    if isinstance(err, LocalEntryNotFoundError):
+        return InputError(
+            f"{where}: {filename} is not in the local Hub cache and the Hub cannot be reached "
+            "(offline, or no such repo/revision); no local folder has that name either"
+        )
+    if isinstance(err, EntryNotFoundError):
+        return InputError(f"{where}: the repo has no {filename}")
+    if isinstance(err, HFValidationError):
+        return InputError(f"{where}: invalid Hub argument ({str(err).strip().splitlines()[0]})")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return InputError(f"{where}: cannot get {filename} from the Hub ({first})")
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:

@@ -8,11 +8,14 @@ but the *raw* residuals are what is gathered and decoded, as in the official cod
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sia.errors import InputError
 
 OFFICIAL_TOP_K = (256, 256)
 OFFICIAL_BN_MOMENTUM = 0.9
@@ -25,9 +28,16 @@ def default_top_k(total_channels: int) -> tuple[int, int]:
 
 
 def clamp_top_k(top_k: Sequence[int], total_channels: int) -> tuple[int, int]:
-    """Each ranking can pick at most every channel; larger requests are clamped."""
-    k_max, k_mean = (int(k) for k in top_k)
-    return max(1, min(k_max, total_channels)), max(1, min(k_mean, total_channels))
+    """Each ranking can pick at most every channel; larger requests are clamped.
+
+    Zero or negative counts are refused rather than raised to 1: they are typos, not requests.
+    """
+    values = list(top_k) if isinstance(top_k, (list, tuple)) else []
+    positive = all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 for k in values)
+    if len(values) != 2 or not positive:
+        raise InputError(f"rrs_top_k: expected two positive integers (k_max, k_mean), got {top_k!r}")
+    k_max, k_mean = (int(k) for k in values)
+    return min(k_max, total_channels), min(k_mean, total_channels)
 
 
 def align_residuals(residuals: Sequence[torch.Tensor]) -> torch.Tensor:

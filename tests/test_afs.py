@@ -1,4 +1,4 @@
-"""AFS: per-channel loss formula, selection of mask-responsive channels, batching, NaN and size errors."""
+"""AFS: per-channel loss formula, selection of mask-responsive channels, batching, masks, ties, NaN and size errors."""
 
 from __future__ import annotations
 
@@ -84,12 +84,60 @@ def test_dict_batches_and_wrap_around_of_reiterable_sources():
         accumulate_channel_losses([dict(image=data[0]["image"])], fn, num_batches=1, progress=False)
 
 
-def test_select_lowest_sorted_and_nan_counts_as_worst():
+def test_select_lowest_nan_ties_with_the_worst_and_ties_go_to_the_lower_index():
     losses = torch.tensor([0.5, float("nan"), 0.1, 0.9, 0.2, float("nan")])
     assert select_lowest(losses, 3).tolist() == [0, 2, 4]
-    assert select_lowest(losses, 5).tolist()[:4] == [0, 2, 3, 4]
+    # NaN becomes 0.9, so channels 1 (NaN), 3 (real 0.9) and 5 (NaN) tie: the lower index wins.
+    assert select_lowest(losses, 4).tolist() == [0, 1, 2, 4]
+    assert select_lowest(losses, 5).tolist() == [0, 1, 2, 3, 4]
+    assert select_lowest(torch.full((6,), float("nan")), 2).tolist() == [0, 1]
     with pytest.raises(InputError, match="cannot keep 7"):
         select_lowest(losses, 7)
+
+
+def test_select_lowest_ties_are_deterministic_on_large_layers():
+    """Many exact ties (as from dead channels): the kept ones are the lowest indices, not topk's pick."""
+    losses = torch.ones(2048)
+    losses[1500:1510] = 0.5
+    chosen = select_lowest(losses, 256)
+    assert chosen.tolist() == list(range(246)) + list(range(1500, 1510))
+    shuffled = torch.randperm(2048, generator=torch.Generator().manual_seed(0))
+    values = (shuffled % 7).float()  # 7 loss levels, ~293 channels each, spread over the layer
+    expected = sorted(sorted(range(2048), key=lambda c: (values[c].item(), c))[:400])
+    assert select_lowest(values, 400).tolist() == expected
+
+
+def test_afs_masks_are_binarised_and_accept_both_layouts():
+    pattern = torch.randn(1, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(1))
+    batches = list(_batches(2))
+
+    def fn(x):
+        return _features(x, pattern)
+
+    reference = accumulate_channel_losses(batches, fn, num_batches=2, progress=False)[0]
+    for convert in (lambda m: m[:, 0], lambda m: m * 255, lambda m: (m[:, 0] * 255).to(torch.uint8), lambda m: m.bool()):
+        variant = [(a, c, convert(m)) for a, c, m in batches]
+        torch.testing.assert_close(accumulate_channel_losses(variant, fn, num_batches=2, progress=False)[0], reference)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, c, m: (a, c, m[:2]), "masks .* do not match"),
+        (lambda a, c, m: (a, c, m[..., :32]), "masks .* do not match"),
+        (lambda a, c, m: (a, c, m.repeat(1, 3, 1, 1)), r"\(B,H,W\) or \(B,1,H,W\)"),
+        (lambda a, c, m: (a, c, m[0, 0]), r"\(B,H,W\) or \(B,1,H,W\)"),
+        (lambda a, c, m: (a, c[:2], m), "clean images .* shape of the anomalous"),
+        (lambda a, c, m: (a, c[..., :32, :32], m), "clean images .* shape of the anomalous"),
+        (lambda a, c, m: (a[0], c, m), "expected images"),
+    ],
+)
+def test_bad_afs_batches_are_one_line_input_errors(change, message):
+    pattern = torch.randn(1, CHANNELS, 16, 16)
+    batch = change(*next(_batches(1)))
+    with pytest.raises(InputError, match=message) as err:
+        accumulate_channel_losses([batch], lambda x: _features(x, pattern), num_batches=1, progress=False)
+    assert "\n" not in str(err.value)
 
 
 def test_feature_selector_buffers_and_size_errors():
@@ -105,3 +153,22 @@ def test_feature_selector_buffers_and_size_errors():
         FeatureSelector([8, 16], [8, 17])
     with pytest.raises(InputError, match="one per layer"):
         FeatureSelector([8, 16], [8])
+
+
+@pytest.mark.parametrize(
+    "indices, message",
+    [
+        ([torch.arange(4), torch.tensor([0, 1, 16])], r"layer 1 .* channels 0\.\.15"),
+        ([torch.tensor([-1, 0, 1, 2]), torch.tensor([0, 1, 2])], "layer 0 .* channels 0..7"),
+        ([torch.arange(4), torch.tensor([0, 5, 3])], "sorted ascending and unique"),
+        ([torch.arange(4), torch.tensor([0, 3, 3])], "sorted ascending and unique"),
+        ([torch.arange(3), torch.tensor([0, 1, 2])], "layer 0 needs 4 integer"),
+        ([torch.arange(4.0), torch.tensor([0, 1, 2])], "layer 0 needs 4 integer"),
+        ([torch.arange(4)], "one per layer"),
+    ],
+)
+def test_bad_afs_indices_are_refused_before_use(indices, message):
+    selector = FeatureSelector([8, 16], [4, 3])
+    with pytest.raises(InputError, match=message):
+        selector.set_indices(indices)
+    assert not bool(selector.ready)

@@ -29,6 +29,21 @@ def test_invalid_layers_is_input_error():
         Backbone("resnet18", layers=(1, 9), pretrained=False)
 
 
+@pytest.mark.parametrize("layers", [(4, 3), (1, 3, 2), (2, 2), (), (1.5, 2), "12"])
+def test_layers_must_be_strictly_ascending_unique_integers(layers):
+    """timm returns features in module order, so (4, 3) would mislabel every level's channels."""
+    with pytest.raises(InputError, match="strictly ascending, unique integer") as err:
+        Backbone("resnet18", layers=layers, pretrained=False)
+    assert "\n" not in str(err.value)
+
+
+def test_ascending_subset_of_layers_keeps_channel_bookkeeping():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18", layers=[2, 4], pretrained=False)
+    feats = backbone(torch.rand(1, 3, 64, 64))
+    assert backbone.channels == [128, 512] and [f.shape[1] for f in feats] == backbone.channels
+
+
 def test_shapes_channels_and_strides_non_square(resnet18):
     feats = resnet18(torch.rand(2, 3, 64, 96))
     assert resnet18.channels == [64, 128, 256, 512]

@@ -205,6 +205,32 @@ def test_bad_inputs_raise_clear_errors():
         pixel_auroc(np.zeros((2, 3, 4, 5, 6)), np.zeros((2, 3, 4, 5, 6)))
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, k: evaluate_maps(np.zeros((0, 8, 8)), np.zeros((0, 8, 8))), "maps: no anomaly maps"),
+        (lambda m, k: evaluate_maps(np.zeros((2, 0, 8)), np.zeros((2, 0, 8))), "maps: no anomaly maps"),
+        (lambda m, k: pixel_auroc([], []), "maps"),
+        (lambda m, k: evaluate_maps(m, k, labels=["ok", "bad"]), "labels: expected numbers or booleans"),
+        (lambda m, k: evaluate_maps(m, k, labels=np.array(["0", "1"])), "labels: expected numbers or booleans"),
+        (lambda m, k: image_auroc([0.1, 0.9], ["0", "1"]), "labels: expected numbers or booleans"),
+        (lambda m, k: f1_optimal_threshold([0.1, 0.9], ["a", "b"]), "labels: expected numbers or booleans"),
+        (lambda m, k: pixel_auroc(m, k.astype(str)), "masks: expected numbers or booleans"),
+        (lambda m, k: evaluate_maps([m[0], m[1, :4]], k), r"maps: all entries .* same shape, got shapes \(4, 8\), \(8, 8\)"),
+        (lambda m, k: evaluate_maps([torch.tensor(m[0]), torch.zeros(8, 9)], k), "maps: all entries .* same shape"),
+        (lambda m, k: evaluate_maps(m, [k[0], k[1, :, :4]]), "masks: all entries must have the same shape"),
+        (lambda m, k: evaluate_maps([[0.1, 0.2], [0.3]], k), "maps: expected a numpy array or torch tensor"),
+    ],
+)
+def test_evaluate_maps_bad_inputs_are_one_line_input_errors(call, message):
+    maps = np.random.default_rng(0).random((2, 8, 8))
+    masks = np.zeros((2, 8, 8))
+    masks[0, 2:4, 2:4] = 1
+    with pytest.raises(InputError, match=message) as err:
+        call(maps, masks)
+    assert "\n" not in str(err.value)
+
+
 def test_f1_optimal_threshold_matches_exhaustive_search():
     rng = np.random.default_rng(3)
     labels = rng.random(200) > 0.7

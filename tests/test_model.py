@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from realnet.losses import reconstruction_loss
 from realnet.model import RealNet, default_afs_channels
 from sia.errors import InputError
 
 TINY = dict(backbone="resnet18", backbone_pretrained=False, afs_channels=[16, 24, 32, 16], image_size=64)
+SPREAD_INDICES = [torch.arange(16) * 4, torch.arange(24) * 5, torch.arange(32) * 8, torch.arange(16) * 32]
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,7 @@ def model() -> RealNet:
     net = RealNet(**TINY)
     for unet in net.recon.unets:  # leave the zero init so reconstructions and maps are non-trivial
         torch.nn.init.normal_(unet.out[-1].weight, std=0.05)
+    net.selector.set_indices(SPREAD_INDICES)  # as after AFS, so the model can be saved and loaded
     return net.eval()
 
 
@@ -125,7 +128,6 @@ def test_bad_images_are_input_errors(model):
 
 
 def test_save_load_round_trip_is_exact(model, tmp_path):
-    model.selector.set_indices([torch.arange(16) * 4, torch.arange(24) * 5, torch.arange(32) * 8, torch.arange(16) * 32])
     model.save_pretrained(tmp_path / "tiny")
     config = json.loads((tmp_path / "tiny" / "config.json").read_text())
     assert config["afs_channels"] == [16, 24, 32, 16] and config["rrs_top_k"] == list(model.rrs_top_k)
@@ -196,3 +198,184 @@ def test_full_official_size_on_meta_device():
     recon = sum(p.numel() for p in net.recon.parameters())
     head = sum(p.numel() for p in net.discriminator.parameters())
     assert round(recon / 1e6, 1) == 518.2 and round(head / 1e6, 2) == 5.87
+
+
+# ---------------------------------------------------------------------------------------- input dtypes
+
+
+def test_uint8_images_are_read_as_0_to_255(model):
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    as_float = model(images.float() / 255).anomaly_map
+    torch.testing.assert_close(model(images).anomaly_map, as_float, rtol=0, atol=0)
+    torch.testing.assert_close(model.predict(images).anomaly_map, model.predict(images.float() / 255).anomaly_map)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.bool])
+def test_other_integer_images_are_refused(model, dtype):
+    with pytest.raises(InputError, match=f"images: expected float images in \\[0,1\\] or uint8 .*{dtype}"):
+        model(torch.zeros(1, 3, 64, 64, dtype=dtype))
+    with pytest.raises(InputError, match="clean_images: expected float images"):
+        model(torch.zeros(1, 3, 64, 64), clean_images=torch.zeros(1, 3, 64, 64, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_other_float_precisions_are_cast_to_the_model_dtype(model, dtype):
+    images = torch.rand(1, 3, 64, 64).to(dtype)
+    out = model(images, clean_images=images)
+    assert out.anomaly_map.dtype == torch.float32 and out.features[0].dtype == model.dtype == torch.float32
+    torch.testing.assert_close(out.anomaly_map, model(images.float()).anomaly_map, rtol=0, atol=0)
+    assert model.predict(images).anomaly_map.shape == (1, 1, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("layers", [[4, 3], [1, 3, 2], [2, 2]])
+def test_layers_out_of_order_or_repeated_are_refused(layers):
+    with pytest.raises(InputError, match="layers: expected strictly ascending, unique"):
+        RealNet(**{**TINY, "layers": layers, "afs_channels": None})
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, None])
+def test_predict_needs_a_positive_integer_batch_size(model, batch_size):
+    with pytest.raises(InputError, match="batch_size: expected a positive integer"):
+        model.predict(torch.rand(2, 3, 64, 64), batch_size=batch_size)
+
+
+def test_predict_batches_give_the_same_result(model):
+    images = torch.rand(3, 3, 64, 64)
+    whole, one_by_one = model.predict(images, batch_size=8), model.predict(images, batch_size=1)
+    assert whole.anomaly_map.shape == (3, 1, 64, 64)
+    torch.testing.assert_close(one_by_one.image_score, whole.image_score)
+
+
+@pytest.mark.parametrize("top_k", [[0, 8], [8, -1], [8]])
+def test_non_positive_rrs_top_k_is_refused(top_k):
+    with pytest.raises(InputError, match="rrs_top_k"):
+        RealNet(**{**TINY, "rrs_top_k": top_k})
+
+
+def test_image_size_accepts_whole_floats_only():
+    assert RealNet(**{**TINY, "image_size": 64.0}).image_size == [64, 64]
+    assert RealNet(**{**TINY, "image_size": [64.0, 96]}).image_size == [64, 96]
+    for bad in (64.5, "64", [64, 96, 128], True, [64, None]):
+        with pytest.raises(InputError, match="image_size"):
+            RealNet(**{**TINY, "image_size": bad})
+
+
+def test_reconstruction_loss_level_mismatch_is_input_error():
+    with pytest.raises(InputError, match="2 reconstructions for 1 feature levels"):
+        reconstruction_loss([torch.zeros(1, 2, 4, 4)] * 2, [torch.zeros(1, 2, 4, 4)])
+
+
+# ---------------------------------------------------------------------------------------- AFS masks
+
+
+def test_select_features_binarises_masks_and_accepts_both_layouts():
+    torch.manual_seed(0)
+    net = RealNet(**TINY)
+    reference = net.select_features(_afs_batches(2), num_batches=2, progress=False)
+    variants = [lambda m: m[:, 0], lambda m: (m * 255).to(torch.uint8), lambda m: m * 255]
+    for convert in variants:
+        batches = [{**b, "mask": convert(b["mask"])} for b in _afs_batches(2)]
+        losses = net.select_features(batches, num_batches=2, progress=False, force=True)
+        for got, want in zip(losses, reference):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: {**b, "mask": b["mask"][:1]}, "masks .* do not match the images"),
+        (lambda b: {**b, "mask": b["mask"][..., :32, :32]}, "masks .* do not match the images"),
+        (lambda b: {**b, "mask": b["mask"].repeat(1, 3, 1, 1)}, r"masks as a tensor \(B,H,W\) or \(B,1,H,W\)"),
+        (lambda b: {**b, "clean_image": b["clean_image"][:1]}, "clean images .* shape of the anomalous"),
+    ],
+)
+def test_select_features_refuses_mismatched_batches(change, message):
+    torch.manual_seed(0)
+    net = RealNet(**TINY)
+    with pytest.raises(InputError, match=message):
+        net.select_features([change(b) for b in _afs_batches(1)], num_batches=1, progress=False)
+    assert not net.afs_ready
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def test_missing_folders_and_bad_repo_ids_are_one_line_input_errors(tmp_path):
+    cases = [
+        (str(tmp_path / "not" / "here"), "the folder .* does not exist"),
+        ("/tmp/not/here", "the folder .* does not exist"),
+        ("./nowhere", "the folder .* does not exist"),
+        ("not a repo!!", "neither an existing folder nor a valid Hub repo id"),
+        ("acme/--bad--", "neither an existing folder nor a valid Hub repo id"),
+        (str(tmp_path), "has no model.safetensors"),  # an existing folder that is not a model
+    ]
+    (tmp_path / "file.txt").write_text("x")
+    cases.append((str(tmp_path / "file.txt"), "is a file; expected a model folder"))
+    for name, message in cases:
+        with pytest.raises(InputError, match=message) as err:
+            RealNet.from_pretrained(name)
+        assert "\n" not in str(err.value) and "pretrained_model_name_or_path" in str(err.value)
+
+
+def test_missing_repo_offline_is_input_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="'acme/no-such-model': config.json is not in the local Hub cache") as err:
+        RealNet.from_pretrained("acme/no-such-model", cache_dir=tmp_path / "hub")
+    assert "\n" not in str(err.value)
+
+
+def test_cached_repo_without_weights_names_the_weights_file(model, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--no-weights"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "snapshots" / commit / "model.safetensors").unlink()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with pytest.raises(InputError, match="model.safetensors is not in the local Hub cache"):
+        RealNet.from_pretrained("acme/no-weights", cache_dir=tmp_path / "hub")
+
+
+def _rewrite_weights(tmp_path, model, name: str, **changes: torch.Tensor):
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state.update(changes)
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("selector.indices_3", torch.arange(16) * 40, r"layer 3 .* channels 0\.\.511"),
+        ("selector.indices_0", torch.arange(16) - 1, "layer 0 .* channels 0..63"),
+        ("selector.indices_1", torch.arange(24).flip(0), "layer 1 .* sorted ascending and unique"),
+        ("selector.indices_2", torch.zeros(32, dtype=torch.long), "layer 2 .* sorted ascending and unique"),
+    ],
+)
+def test_loading_refuses_bad_afs_indices(model, tmp_path, key, value, message):
+    folder = _rewrite_weights(tmp_path, model, "bad_afs", **{key: value})
+    with pytest.raises(InputError, match=f"AFS indices: {message}") as err:
+        RealNet.from_pretrained(folder)
+    assert str(folder / "model.safetensors") in str(err.value)
+
+
+def test_loading_refuses_a_model_saved_before_feature_selection(model, tmp_path):
+    folder = _rewrite_weights(tmp_path, model, "no_afs", **{"selector.ready": torch.tensor(False)})
+    with pytest.raises(InputError, match="saved before feature selection"):
+        RealNet.from_pretrained(folder)
+    torch.manual_seed(0)
+    fresh = RealNet(**TINY)
+    fresh.save_pretrained(tmp_path / "fresh")
+    with pytest.raises(InputError, match="saved before feature selection"):
+        RealNet.from_pretrained(tmp_path / "fresh")

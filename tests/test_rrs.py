@@ -8,6 +8,7 @@ from torch import nn
 
 from realnet.discriminator import Discriminator, anomaly_probability, image_scores
 from realnet.rrs import ResidualSelection, align_residuals, clamp_top_k, default_top_k
+from sia.errors import InputError
 
 
 def _residuals(gen: torch.Generator, batch: int = 3) -> list[torch.Tensor]:
@@ -65,6 +66,14 @@ def test_default_and_clamped_top_k():
     assert default_top_k(432) == (72, 72)
     assert clamp_top_k((256, 256), 100) == (100, 100)
     assert ResidualSelection(100, (256, 8)).out_channels == 108
+
+
+@pytest.mark.parametrize("top_k", [(0, 8), (8, 0), (-3, 8), (8,), (8, 8, 8), (2.5, 8), (True, 8), "88"])
+def test_non_positive_or_malformed_top_k_is_refused_not_clamped(top_k):
+    with pytest.raises(InputError, match="rrs_top_k: expected two positive integers"):
+        clamp_top_k(top_k, 100)
+    with pytest.raises(InputError, match="rrs_top_k"):
+        ResidualSelection(100, top_k)
 
 
 def test_discriminator_shapes_non_square_and_probabilities():
