@@ -51,6 +51,13 @@ def blend(
     Pixels with ``M = 0`` are copied bit-for-bit; the others get ``I + (beta * M) * (A - I)``,
     which is Eq. 3. Only masked pixels are computed (masks cover a few percent of the image).
     """
+    for name, value in (("image", image), ("source", source), ("mask", mask)):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if not image.is_floating_point():
+        raise InputError(f"image: expected a floating-point tensor in [0, 1], got {image.dtype}")
+    if not (source.is_floating_point() or source.dtype == torch.uint8):
+        raise InputError(f"source: expected a floating-point tensor in [0, 1] or uint8, got {source.dtype}")
     if image.shape != source.shape:
         raise InputError(f"source: expected the image's shape {tuple(image.shape)}, got {tuple(source.shape)}")
     if image.ndim not in (3, 4) or mask.ndim != image.ndim:
@@ -64,6 +71,8 @@ def blend(
     if single:
         image, source, mask = image[None], source[None], mask[None]
     batch, channels = image.shape[:2]
+    if beta.numel() not in (1, batch):
+        raise InputError(f"opacity: expected one value or one per sample ({batch}), got {beta.numel()} values")
     beta = beta.reshape(-1).expand(batch) if beta.numel() == 1 else beta.reshape(batch)
     out = image.clone()
     flat_mask = mask.reshape(batch, -1)

@@ -7,14 +7,18 @@ recipes are in :data:`FOREGROUND_PRESETS` (reference table of the official code)
 
 Conventions and differences from the official code (all documented in the README):
 
-* Thresholds are scikit-image's ``threshold_otsu`` / ``threshold_triangle`` computed on the image
-  histogram (identical values, computed once per image from a 256-bin histogram); pixels strictly
-  brighter than the threshold are foreground, as with ``cv2.threshold(..., THRESH_BINARY)``.
-* ``gray`` is ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B), the formula of ``cv2.COLOR_RGB2GRAY``.
+* Thresholds follow OpenCV's ``THRESH_OTSU`` and ``THRESH_TRIANGLE`` (same values, tested against
+  ``cv2.threshold``), computed once per image from its 256-bin histogram; pixels strictly
+  brighter than the threshold are foreground, as with ``cv2.threshold(..., THRESH_BINARY)``. A
+  constant image gets Otsu threshold 0, as in OpenCV.
+* ``gray`` is ``cv2.COLOR_RGB2GRAY`` of the 8-bit image: BT.601 luma (0.299 R + 0.587 G + 0.114 B)
+  in OpenCV's 15-bit fixed point (checked against OpenCV 4.10 and 5.0; other releases may round
+  a few pixels differently). Float images are rounded to 8 bits first.
 * Footprint sizes are given for 256-pixel images and scale with the image: a preset size ``k`` is
   used as ``max(1, round(k * min(H, W) / 256))``, so a preset behaves the same at any resolution.
 * Morphology treats pixels outside the image as neutral (closing/opening do not erode the border);
   even-sized squares are anchored so that closing only adds and opening only removes pixels.
+  This is what ``skimage.morphology.closing`` / ``opening`` with a square footprint do.
 """
 
 from __future__ import annotations
@@ -29,12 +33,9 @@ from .errors import InputError
 
 CHANNELS = ("gray", "red", "green", "blue")
 METHODS = ("none", "otsu", "triangle", "auto")
-_CHANNEL_WEIGHTS = {
-    "gray": (0.299, 0.587, 0.114),
-    "red": (1.0, 0.0, 0.0),
-    "green": (0.0, 1.0, 0.0),
-    "blue": (0.0, 0.0, 1.0),
-}
+# cv2.COLOR_RGB2GRAY on 8-bit images (OpenCV 4.10+): BT.601 luma in 15-bit fixed point, rounded.
+_GRAY_WEIGHTS = (9798, 19235, 3735)
+_GRAY_SHIFT = 15
 
 
 @dataclass(frozen=True)
@@ -126,50 +127,77 @@ def scaled_footprint(size: int, height: int, width: int, reference_size: int = 2
 
 
 # --------------------------------------------------------------------------------------------------
-# Thresholds from a 256-bin histogram (same values as skimage.filters on a uint8 image).
+# Thresholds from a 256-bin histogram, with OpenCV's semantics (THRESH_OTSU / THRESH_TRIANGLE).
+
+
+def _histogram(hist: np.ndarray) -> np.ndarray:
+    """A 256-bin histogram of a non-empty 8-bit image as int64; anything else is an InputError."""
+    hist = np.asarray(hist)
+    if hist.shape != (256,) or not np.issubdtype(hist.dtype, np.integer) or (hist < 0).any():
+        raise InputError(f"hist: expected 256 non-negative integer counts, got shape {hist.shape} of {hist.dtype}")
+    if not hist.any():
+        raise InputError("hist: expected the histogram of a non-empty image, got all zeros")
+    return hist.astype(np.int64)
 
 
 def otsu_threshold(hist: np.ndarray) -> int:
-    """skimage's ``threshold_otsu`` of a uint8 image, from its 256-bin histogram."""
+    """OpenCV's Otsu threshold of an 8-bit image, from its 256-bin histogram.
+
+    The level maximising the between-class variance, with classes ``<= t`` and ``> t``. It runs
+    OpenCV's running-mean recurrence in double precision, so ties (e.g. across empty bins) break
+    the same way, and a constant image gives 0 as in OpenCV.
+    """
+    hist = _histogram(hist)
     nonzero = np.flatnonzero(hist)
     low, high = int(nonzero[0]), int(nonzero[-1])
-    if low == high:
-        return low
-    counts = hist[low : high + 1].astype(np.float64)
-    centers = np.arange(low, high + 1, dtype=np.float64)
-    weight1 = np.cumsum(counts)
-    weight2 = np.cumsum(counts[::-1])[::-1]
-    mean1 = np.cumsum(counts * centers) / weight1
-    mean2 = (np.cumsum((counts * centers)[::-1]) / weight2[::-1])[::-1]
-    variance = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
-    return low + int(np.argmax(variance))
+    scale = 1.0 / float(hist.sum())
+    mean = float(np.dot(np.arange(256, dtype=np.float64), hist.astype(np.float64))) * scale
+    eps = float(np.finfo(np.float32).eps)
+    mean1 = weight1 = best_sigma = 0.0
+    best = 0
+    # Bins below `low` leave both accumulators at zero and bins above `high` are skipped by the
+    # epsilon test, so only [low, high] matters.
+    for level in range(low, high + 1):
+        p = float(hist[level]) * scale
+        mean1 *= weight1
+        weight1 += p
+        weight2 = 1.0 - weight1
+        if min(weight1, weight2) < eps or max(weight1, weight2) > 1.0 - eps:
+            continue
+        mean1 = (mean1 + level * p) / weight1
+        mean2 = (mean - weight1 * mean1) / weight2
+        sigma = weight1 * weight2 * (mean1 - mean2) * (mean1 - mean2)
+        if sigma > best_sigma:
+            best_sigma, best = sigma, level
+    return best
 
 
 def triangle_threshold(hist: np.ndarray) -> int:
-    """skimage's ``threshold_triangle`` of a uint8 image, from its 256-bin histogram."""
+    """OpenCV's triangle threshold of an 8-bit image, from its 256-bin histogram.
+
+    The histogram span is widened by one bin on each side where possible; the line runs from the
+    peak to the far end of the longer tail (the histogram is mirrored when that tail is on the
+    right); the level farthest below the line, minus one, is the threshold, mirrored back. The
+    result can be -1 (everything is foreground) or 256 (nothing is), as in ``cv2.threshold``.
+    """
+    hist = _histogram(hist)
     nonzero = np.flatnonzero(hist)
-    low, high = int(nonzero[0]), int(nonzero[-1])
-    if low == high:
-        return low
-    counts = hist[low : high + 1].astype(np.float64)
-    nbins = counts.size
-    peak = int(np.argmax(counts))
-    peak_height = counts[peak]
-    arg_low, arg_high = 0, nbins - 1
-    flip = peak - arg_low < arg_high - peak
+    left, right = int(nonzero[0]), int(nonzero[-1])
+    left = left - 1 if left > 0 else left
+    right = right + 1 if right < 255 else right
+    peak = int(np.argmax(hist))
+    flip = peak - left < right - peak
     if flip:
-        counts = counts[::-1]
-        arg_low = nbins - arg_high - 1
-        peak = nbins - peak - 1
-    width = peak - arg_low
-    x = np.arange(width)
-    y = counts[x + arg_low]
-    norm = np.sqrt(peak_height**2 + width**2)
-    length = (peak_height / norm) * x - (width / norm) * y
-    level = int(np.argmax(length)) + arg_low if width > 0 else arg_low
-    if flip:
-        level = nbins - level - 1
-    return low + level
+        hist = hist[::-1]
+        left, peak = 255 - right, 255 - peak
+    # Distance to the line, up to a positive factor: exact in int64 (OpenCV uses doubles).
+    levels = np.arange(left + 1, peak + 1, dtype=np.int64)
+    distance = int(hist[peak]) * levels + (left - peak) * hist[left + 1 : peak + 1]
+    level = left
+    if distance.size and distance.max() > 0:
+        level = left + 1 + int(np.argmax(distance))
+    level -= 1
+    return 255 - level if flip else level
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,24 +254,30 @@ def binary_opening(x: np.ndarray, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float in [0, 1] -> uint8 (rounded), the 8-bit image the official code thresholds."""
+    return x.mul(255.0).clamp_(0.0, 255.0).add_(0.5).to(torch.uint8)
+
+
 def _channel_uint8(images: torch.Tensor, channel: str) -> np.ndarray:
-    """(B, 3, H, W) float [0, 1] -> (B, H, W) uint8 of the requested channel (rounded)."""
-    if channel == "gray":
-        r, g, b = _CHANNEL_WEIGHTS["gray"]
-        value = torch.mul(images[:, 0], r * 255.0)
-        value.add_(images[:, 1], alpha=g * 255.0).add_(images[:, 2], alpha=b * 255.0)
-    else:
-        value = torch.mul(images[:, CHANNELS.index(channel) - 1], 255.0)
-    array = value.numpy()
-    np.clip(array, 0.0, 255.0, out=array)
-    array += 0.5
-    return array.astype(np.uint8)
+    """(B, 3, H, W) float [0, 1] -> (B, H, W) uint8 of the requested channel.
+
+    Gray is computed from the 8-bit RGB values with OpenCV's integer formula, so it equals
+    ``cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)`` bit for bit.
+    """
+    if channel != "gray":
+        return _to_uint8(images[:, CHANNELS.index(channel) - 1]).numpy()
+    rgb = _to_uint8(images).to(torch.int32)
+    r, g, b = _GRAY_WEIGHTS
+    value = rgb[:, 0] * r + rgb[:, 1] * g + rgb[:, 2] * b + (1 << (_GRAY_SHIFT - 1))
+    return (value >> _GRAY_SHIFT).to(torch.uint8).numpy()
 
 
 def _threshold_batch(values: np.ndarray, method: str) -> np.ndarray:
     """Per-image foreground (B, H, W) bool: pixels brighter than the image's own threshold."""
     threshold_fn = triangle_threshold if method == "triangle" else otsu_threshold
-    thresholds = np.array([threshold_fn(np.bincount(v.ravel(), minlength=256)) for v in values], dtype=np.uint8)
+    # int16: the triangle threshold can be -1 or 256, which uint8 would wrap.
+    thresholds = np.array([threshold_fn(np.bincount(v.ravel(), minlength=256)) for v in values], dtype=np.int16)
     return values > thresholds[:, None, None]
 
 
@@ -259,6 +293,8 @@ def foreground_masks_bool(images: torch.Tensor, config: ForegroundConfig | str |
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"images: expected a (B, 3, H, W) tensor, got {tuple(images.shape)}")
     batch, _, height, width = images.shape
+    if height == 0 or width == 0:
+        raise InputError(f"images: expected a non-empty height and width, got {tuple(images.shape)}")
     if config.method == "none":
         return torch.ones(batch, 1, height, width, dtype=torch.bool)
     values = _channel_uint8(images.detach().float().cpu(), config.channel)

@@ -20,15 +20,34 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
 
 
-def _array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """Scale an integer or float array of any depth to uint8 without clipping surprises."""
+def _integer_peak(dtype: np.dtype, what: str, peak: int | None) -> int:
+    """Full-scale value of an integer pixel type, chosen from the type, never from the pixel values.
+
+    8-bit types are 0..255 and 16-bit types 0..65535. A wider type says nothing about the bit
+    depth, so the caller must know it (PIL's 32-bit ``I`` mode holds 16-bit data); otherwise it
+    is an InputError rather than a guess.
+    """
+    if dtype.itemsize <= 2:
+        return 255 if dtype.itemsize == 1 else 65535
+    if peak is None:
+        raise InputError(f"{what}: expected uint8 or uint16 pixels (or floats in [0, 1]), got {dtype}; cast it first")
+    return peak
+
+
+def _array_to_uint8(array: np.ndarray, what: str, peak: int | None = None) -> np.ndarray:
+    """Scale an integer or float array to uint8; ``peak`` is the full scale of a wide integer type."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.integer):
-        peak = 65535 if array.max(initial=0) > 255 else 255
-        return np.clip(np.round(array.astype(np.float64) * (255.0 / peak)), 0, 255).astype(np.uint8)
+        peak = _integer_peak(array.dtype, what, peak)
+        if array.size and (array.min() < 0 or array.max() > peak):
+            raise InputError(
+                f"{what}: expected pixel values in [0, {peak}] for {array.dtype}, "
+                f"got values in [{array.min()}, {array.max()}]"
+            )
+        return np.round(array.astype(np.float64) * (255.0 / peak)).astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InputError(f"{what}: image contains NaN or infinite values")
@@ -41,8 +60,9 @@ def _pil_to_rgb(image: Image.Image, what: str) -> Image.Image:
     """Convert any PIL mode (16-bit, float, palette, alpha, CMYK) to 8-bit RGB."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        gray = _array_to_uint8(np.asarray(image), what)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # Pillow's 32-bit "I" mode is where 16-bit images land after a conversion: read it as 16-bit.
+        gray = _array_to_uint8(np.asarray(image), what, peak=65535)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -75,12 +95,16 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
         image = array.numpy()
     if isinstance(image, np.ndarray):
         array = image
+        if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+            array = np.moveaxis(array, 0, -1)  # channels first (3, H, W) -> (H, W, 3)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim == 3 and array.shape[-1] == 4:
             array = array[..., :3]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] != 3):
-            raise InputError(f"image: expected an (H, W), (H, W, 3) or (3, H, W) array, got {image.shape}")
+            raise InputError(
+                f"image: expected an (H, W), (H, W, C) or (C, H, W) array with C in 1, 3, 4, got {image.shape}"
+            )
         array = _array_to_uint8(array, "image")
         return Image.fromarray(array).convert("RGB")
     raise InputError(f"image: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
@@ -108,6 +132,23 @@ def load_image_tensor(image: ImageLike, size: tuple[int, int] | None = None) -> 
     return pil_to_tensor(pil)
 
 
+def _mask_values(mask: Image.Image) -> np.ndarray:
+    """Label values of a mask image, (H, W) or (H, W, C), without any alpha channel.
+
+    Alpha says how opaque a pixel is, not whether it is anomalous (an opaque mask would otherwise
+    be all ones); palette masks are read through their colours (index 0 need not be black).
+    """
+    if mask.mode in ("P", "PA"):
+        mask = mask.convert("L")
+    elif mask.mode == "LA":
+        mask = mask.getchannel("L")
+    elif mask.mode in ("RGBA", "RGBa", "RGBX"):
+        mask = mask.convert("RGB")
+    elif mask.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        mask = mask.convert("RGB")
+    return np.asarray(mask)
+
+
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Ground-truth mask file -> float tensor (1, H, W) in {0, 1}; any non-zero pixel is anomalous."""
     path = Path(path)
@@ -116,7 +157,7 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Te
     try:
         with Image.open(path) as mask:
             mask.load()
-            array = np.asarray(mask)
+            array = _mask_values(mask)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: cannot read mask ({err})") from None
     if array.ndim == 3:

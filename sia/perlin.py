@@ -133,6 +133,23 @@ def rotate_batch(images: torch.Tensor, angles_deg: torch.Tensor) -> torch.Tensor
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def perlin_resolutions(
+    batch: int, generator: torch.Generator | None = None, min_scale_exp: int = 0, max_scale_exp: int = 6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample lattice resolutions ``(res_y, res_x)``: ``2**k``, ``k`` uniform in [min, max) per axis.
+
+    The two axes are drawn independently; the defaults are the official ones (``k`` in {0..5},
+    i.e. 1..32 cells per axis).
+    """
+    exps = torch.randint(min_scale_exp, max_scale_exp, (2, batch), generator=generator)
+    return 2 ** exps[0], 2 ** exps[1]
+
+
+def rotation_angles(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample rotation angles in degrees, uniform in [-90, 90] (imgaug ``Affine(rotate=(-90, 90))``)."""
+    return torch.rand(batch, generator=generator) * 180.0 - 90.0
+
+
 def perlin_masks_bool(
     batch: int,
     height: int,
@@ -151,12 +168,10 @@ def perlin_masks_bool(
         raise InputError(f"min_scale_exp/max_scale_exp: expected 0 <= min < max, got {min_scale_exp}, {max_scale_exp}")
     if batch == 0:
         return torch.zeros(0, 1, height, width, dtype=torch.bool)
-    exps = torch.randint(min_scale_exp, max_scale_exp, (2, batch), generator=generator)
-    res_y, res_x = 2 ** exps[0], 2 ** exps[1]
+    res_y, res_x = perlin_resolutions(batch, generator, min_scale_exp, max_scale_exp)
     noise = perlin_noise(batch, height, width, res_y, res_x, generator)[:, None]
     if rotate:
-        angles = torch.rand(batch, generator=generator) * 180.0 - 90.0
-        noise = rotate_batch(noise, angles)
+        noise = rotate_batch(noise, rotation_angles(batch, generator))
     return noise > threshold
 
 

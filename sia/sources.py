@@ -18,9 +18,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from .categories import resolve_category
+from .categories import DATASET_ALIASES, resolve_category
 from .errors import InputError
-from .images import list_images, load_image, to_pil_rgb
+from .images import IMAGE_EXTENSIONS, list_images, load_image, to_pil_rgb
 
 SIA_OPACITY = (0.5, 1.0)
 DTD_OPACITY = (0.2, 1.0)
@@ -116,9 +116,29 @@ def _target_size(target: torch.Tensor) -> tuple[int, int]:
     return int(target.shape[1]), int(target.shape[2])
 
 
+def _holds_images(folder: Path) -> bool:
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
+
+
+def _image_subfolders(folder: Path) -> list[str]:
+    """Sub-folders that hold images, as category names (``dataset/category`` one level deeper)."""
+    names = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        nested = [g for g in sorted(child.iterdir()) if g.is_dir() and _holds_images(g)]
+        if nested and child.name.lower() in DATASET_ALIASES:
+            names += [f"{child.name}/{g.name}" for g in nested]
+        elif _holds_images(child):
+            names.append(child.name)
+    return names
+
+
 def _category_folder(folder: Path, category: str | None) -> Path:
-    """``folder/<category>`` (or ``folder/<dataset>/<category>``) when it exists, else ``folder``."""
-    if not category:
+    """``folder/<category>`` (or ``folder/<dataset>/<category>``), or ``folder`` when it is flat.
+
+    A folder laid out per category but without this one is an InputError: mixing in images of
+    other categories would break the official recipe (a SIA image of the *same* category).
+    """
+    if not category or not folder.is_dir():
         return folder
     names = [category]
     try:
@@ -129,6 +149,11 @@ def _category_folder(folder: Path, category: str | None) -> Path:
     for name in names:
         if (folder / name).is_dir():
             return folder / name
+    if folder.name in names:
+        return folder  # already the category's own folder
+    present = _image_subfolders(folder)
+    if present:
+        raise InputError(f"category {category!r}: no SIA images of it in {folder}; present: {', '.join(present)}")
     return folder
 
 

@@ -9,6 +9,7 @@ images so that any detector can train on these anomalies, reproducibly per (seed
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,17 +37,42 @@ class SynthesisResult:
     seed: int | None
 
 
+FLOAT_RANGE_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding, not by a different scale
+
+
 def as_image_tensor(image: ImageLike, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Any image (path, PIL, ndarray, tensor) -> float (3, H, W) in [0, 1], optionally resized.
 
-    A float tensor already shaped (3, H, W) is used as it is (no 8-bit round trip).
+    A float tensor already shaped (3, H, W) is used as it is (no 8-bit round trip); it must be
+    finite and in [0, 1] (a 0..255 float tensor is an InputError, not silently clamped to white).
     """
     if isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim == 3 and image.shape[0] == 3:
         tensor = image.detach().float().cpu()
+        if tensor.numel() == 0:
+            raise InputError(f"image: expected a non-empty (3, H, W) tensor, got {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise InputError("image: expected floats in [0, 1], got NaN or infinite values")
+        low, high = float(tensor.min()), float(tensor.max())
+        if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
+            raise InputError(f"image: expected floats in [0, 1], got values in [{low:g}, {high:g}]")
         if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
             tensor = F.interpolate(tensor[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
         return tensor.clamp(0.0, 1.0)
     return load_image_tensor(image, size=size)
+
+
+def _image_size(value: tuple[int, int] | int | None) -> tuple[int, int] | None:
+    """``image_size`` as (H, W) with positive sides, or None; anything else is an InputError."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, (int, np.integer)) else value
+    if (
+        not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in pair)
+    ):
+        raise InputError(f"image_size: expected a positive int or (H, W) with positive sides, got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _category_name(category: str | ForegroundConfig | None) -> str | None:
@@ -91,13 +117,9 @@ class AnomalySynthesizer:
         self.opacity = opacity_range(self.source.default_opacity if opacity is None else opacity, "opacity")
         if max_attempts < 1:
             raise InputError(f"max_attempts: expected >= 1, got {max_attempts}")
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-            raise InputError(f"image_size: expected (H, W) with positive sides, got {image_size!r}")
         self.require_nonempty = require_nonempty
         self.max_attempts = max_attempts
-        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
+        self.image_size = _image_size(image_size)
         self.perlin_kwargs = dict(
             threshold=perlin_threshold, min_scale_exp=min_scale_exp, max_scale_exp=max_scale_exp, rotate=rotate
         )
@@ -220,13 +242,11 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset):
     ) -> None:
         if not 0.0 <= probability <= 1.0:
             raise InputError(f"probability: expected a value in [0, 1], got {probability}")
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
         self.dataset = dataset
         self.synthesizer = synthesizer
         self.probability = float(probability)
         self.seed = int(seed)
-        self.image_size = image_size
+        self.image_size = _image_size(image_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -237,6 +257,12 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """Item ``index``; negative indices count from the end, as for a list."""
+        size = len(self)
+        index = operator.index(index)
+        if not -size <= index < size:
+            raise IndexError(f"index {index} out of range for a dataset of {size} items")
+        index %= size  # item i and item i - len are the same item, with the same anomaly
         item = self.dataset[index]
         extra: dict[str, Any] = {}
         if isinstance(item, dict):

@@ -64,3 +64,18 @@ def test_sample_opacity_is_in_range_and_seeded():
     b = sample_opacity(500, (0.5, 1.0), torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert a.min() >= 0.5 and a.max() <= 1.0 and a.std() > 0.1
+
+
+def test_opacity_count_and_image_dtype_are_checked():
+    image, source, mask = random_case(batch=3)
+    with pytest.raises(InputError, match="one per sample"):
+        blend(image, source, mask, torch.tensor([0.5, 0.6]))
+    with pytest.raises(InputError, match="one per sample"):
+        blend(image[0], source[0], mask[0], torch.tensor([0.5, 0.6]))
+    with pytest.raises(InputError, match="floating-point"):
+        blend((image * 255).to(torch.uint8), source, mask, 0.5)
+    with pytest.raises(InputError, match="source"):
+        blend(image, source.to(torch.int32), mask, 0.5)
+    with pytest.raises(InputError, match="torch.Tensor"):
+        blend(image.numpy(), source, mask, 0.5)
+    assert blend(image, source, mask, torch.tensor([0.5])).shape == image.shape  # one value for all

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from skimage.filters import threshold_otsu, threshold_triangle
 
-from sia.categories import DATASET_CATEGORIES
 from sia.errors import InputError
 from sia.foreground import (
     FOREGROUND_PRESETS,
@@ -37,18 +35,63 @@ def iou(mask, truth):
     return (pred & truth).sum().item() / max((pred | truth).sum().item(), 1)
 
 
-def test_all_36_categories_have_presets_addressable_both_ways():
-    assert len(FOREGROUND_PRESETS) == 36
-    for dataset, categories in DATASET_CATEGORIES.items():
-        for category in categories:
-            assert foreground_config(f"{dataset}/{category}") == FOREGROUND_PRESETS[f"{dataset}/{category}"]
-    assert foreground_config("bottle") == foreground_config("mvtec-ad/bottle")
-    bottle = foreground_config("bottle")
-    assert (bottle.method, bottle.channel, bottle.invert, bottle.closing, bottle.opening) == ("otsu", "gray", True, 6, 6)
-    pcb = foreground_config("visa/pcb1")
-    assert (pcb.method, pcb.channel, pcb.closing, pcb.opening) == ("triangle", "blue", 8, 3)
-    assert foreground_config("mpdd/connector").opening == 0
-    assert foreground_config("carpet").method == "none"
+# Spec §2.2, written out by hand: category -> (channel, method, inverted, closing, opening).
+# Categories without a foreground step are ("gray", "none", False, 0, 0).
+_NONE = ("gray", "none", False, 0, 0)
+EXPECTED_RECIPES = {
+    "mvtec-ad/carpet": _NONE,
+    "mvtec-ad/leather": _NONE,
+    "mvtec-ad/tile": _NONE,
+    "mvtec-ad/wood": _NONE,
+    "mvtec-ad/cable": _NONE,
+    "mvtec-ad/transistor": _NONE,
+    "mvtec-ad/pill": ("gray", "otsu", False, 6, 6),
+    "mvtec-ad/hazelnut": ("gray", "triangle", False, 6, 6),
+    "mvtec-ad/metal_nut": ("gray", "triangle", False, 6, 6),
+    "mvtec-ad/toothbrush": ("gray", "triangle", False, 6, 6),
+    "mvtec-ad/bottle": ("gray", "otsu", True, 6, 6),
+    "mvtec-ad/capsule": ("gray", "otsu", True, 6, 6),
+    "mvtec-ad/grid": ("gray", "otsu", True, 6, 6),
+    "mvtec-ad/screw": ("gray", "otsu", True, 6, 6),
+    "mvtec-ad/zipper": ("gray", "otsu", True, 6, 6),
+    "visa/capsules": _NONE,
+    "visa/pcb1": ("blue", "triangle", False, 8, 3),
+    "visa/pcb2": ("blue", "triangle", False, 8, 3),
+    "visa/pcb3": ("blue", "triangle", False, 8, 3),
+    "visa/pcb4": ("blue", "triangle", False, 8, 3),
+    "visa/candle": ("gray", "otsu", False, 3, 3),
+    "visa/cashew": ("gray", "otsu", False, 3, 3),
+    "visa/chewinggum": ("gray", "otsu", False, 3, 3),
+    "visa/fryum": ("gray", "otsu", False, 3, 3),
+    "visa/macaroni1": ("gray", "otsu", False, 3, 3),
+    "visa/macaroni2": ("gray", "otsu", False, 3, 3),
+    "visa/pipe_fryum": ("gray", "otsu", False, 3, 3),
+    "mpdd/bracket_black": ("green", "otsu", True, 6, 0),
+    "mpdd/bracket_brown": ("green", "otsu", True, 6, 0),
+    "mpdd/connector": ("green", "otsu", True, 6, 0),
+    "mpdd/bracket_white": ("blue", "otsu", False, 6, 0),
+    "mpdd/tubes": ("blue", "otsu", False, 6, 0),
+    "mpdd/metal_plate": ("gray", "otsu", True, 6, 0),
+    "btad/02": _NONE,
+    "btad/01": ("gray", "otsu", False, 15, 6),
+    "btad/03": ("gray", "otsu", False, 15, 6),
+}
+
+
+def recipe(config):
+    return (config.channel, config.method, config.invert, config.closing, config.opening)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_RECIPES))
+def test_each_category_has_the_official_recipe(name):
+    assert recipe(foreground_config(name)) == EXPECTED_RECIPES[name]
+    assert foreground_config(name).reference_size == 256
+    assert foreground_config(name.split("/", 1)[1]) == foreground_config(name)  # short names work too
+
+
+def test_the_table_covers_exactly_the_36_categories():
+    assert len(EXPECTED_RECIPES) == 36
+    assert set(FOREGROUND_PRESETS) == set(EXPECTED_RECIPES)
 
 
 def test_unknown_category_lists_known_ones():
@@ -98,17 +141,99 @@ def test_auto_falls_back_to_all_ones_on_a_flat_image():
     assert torch.equal(foreground_mask(flat, "auto"), torch.ones(1, 32, 32))
 
 
-def test_thresholds_equal_scikit_image():
-    rng = np.random.default_rng(0)
-    for trial in range(60):
-        if trial % 2:
-            image = np.clip(rng.normal(rng.uniform(40, 200), rng.uniform(3, 40), (30, 40)), 0, 255).astype(np.uint8)
-            image[5:15, 5:25] = rng.integers(0, 256)
-        else:
-            image = (ndimage.gaussian_filter(rng.random((30, 40)), 2) * 255).astype(np.uint8)
-        hist = np.bincount(image.ravel(), minlength=256)
-        assert otsu_threshold(hist) == threshold_otsu(image)
-        assert triangle_threshold(hist) == threshold_triangle(image)
+def test_flat_images_follow_opencv():
+    """OpenCV's Otsu returns 0 on a constant image (so a bright flat image is all foreground)."""
+    for value in (0, 1, 7, 128, 255):
+        hist = np.bincount(np.full(100, value), minlength=256)
+        assert otsu_threshold(hist) == 0
+    assert triangle_threshold(np.bincount(np.full(100, 7), minlength=256)) == 6
+    assert triangle_threshold(np.bincount(np.zeros(100, dtype=int), minlength=256)) == 1
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    assert foreground_masks(flat, ForegroundConfig(method="otsu")).all()
+    assert not foreground_masks(torch.zeros(1, 3, 16, 16), ForegroundConfig(method="otsu")).any()
+
+
+def test_empty_images_and_bad_histograms_raise_input_error():
+    with pytest.raises(InputError, match="non-empty"):
+        otsu_threshold(np.zeros(256, dtype=np.int64))
+    with pytest.raises(InputError, match="non-empty"):
+        triangle_threshold(np.zeros(256, dtype=np.int64))
+    with pytest.raises(InputError, match="256"):
+        otsu_threshold(np.ones(10, dtype=np.int64))
+    for shape in [(1, 3, 0, 8), (1, 3, 8, 0)]:
+        with pytest.raises(InputError, match="non-empty"):
+            foreground_masks(torch.zeros(shape), "bottle")
+
+
+# --------------------------------------------------------------------------------- against OpenCV
+
+
+def sample_images_8bit(count=600, seed=0):
+    """Random and structured 8-bit images of many sizes: noise, blobs, bimodal, few levels, flat."""
+    rng = np.random.default_rng(seed)
+    images = [np.zeros((64, 64), np.uint8), np.full((64, 64), 255, np.uint8), np.full((5, 7), 3, np.uint8)]
+    # Histograms above the triangle's line: thresholds -1 (all foreground) and 256 (none).
+    ramp = np.array([0] * 10 + [1] * 10 + [2] * 11, np.uint8).reshape(1, -1)
+    images += [ramp, 255 - ramp]
+    for trial in range(count):
+        height, width = (int(v) for v in rng.integers(1, 90, 2))
+        kind = trial % 6
+        if kind == 0:
+            image = rng.integers(0, 256, (height, width))
+        elif kind == 1:
+            image = rng.normal(rng.uniform(0, 255), rng.uniform(1, 40), (height, width))
+        elif kind == 2:  # two populations: an object on a background
+            image = rng.normal(rng.uniform(0, 255), rng.uniform(1, 20), (height, width))
+            image[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = rng.normal(
+                rng.uniform(0, 255), 5, (3 * height // 4 - height // 4, 3 * width // 4 - width // 4)
+            )
+        elif kind == 3:
+            image = ndimage.gaussian_filter(rng.random((height, width)), 2) * 255 * rng.uniform(0.3, 1.5)
+        elif kind == 4:  # a few grey levels with gaps between them (ties across empty bins)
+            image = rng.choice(rng.integers(0, 256, int(rng.integers(1, 5))), (height, width))
+        else:  # skewed: a long tail on either side
+            image = rng.exponential(rng.uniform(5, 60), (height, width))
+            image = 255 - image if rng.random() < 0.5 else image
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    images += [rng.integers(0, 256, (256, 256)).astype(np.uint8) for _ in range(5)]
+    return images
+
+
+@pytest.mark.parametrize("method", ["otsu", "triangle"])
+def test_thresholds_and_masks_equal_opencv(method):
+    cv2 = pytest.importorskip("cv2")
+    flag = cv2.THRESH_OTSU if method == "otsu" else cv2.THRESH_TRIANGLE
+    ours = otsu_threshold if method == "otsu" else triangle_threshold
+    thresholds = set()
+    for image in sample_images_8bit():
+        expected, binary = cv2.threshold(image, 100, 255, cv2.THRESH_BINARY | flag)
+        assert ours(np.bincount(image.ravel(), minlength=256)) == expected, image.shape
+        rgb = torch.from_numpy(np.stack([image] * 3)).float().div(255)[None]
+        mask = foreground_masks(rgb, ForegroundConfig(method=method, channel="red"))[0, 0].numpy()
+        assert np.array_equal(mask > 0, binary > 0)
+        thresholds.add(expected)
+    assert len(thresholds) > 50  # many different levels were exercised
+    if method == "triangle":
+        assert {-1, 256} <= thresholds
+
+
+def test_gray_and_channels_equal_opencv_on_8bit_rgb():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+    images = torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(255)
+    for name in ("bottle", "pill", "hazelnut", "visa/pcb1", "mpdd/connector"):
+        config = foreground_config(name)
+        plain = ForegroundConfig(method=config.method, channel=config.channel, invert=config.invert)
+        ours = foreground_masks(images, plain)[:, 0].numpy() > 0
+        for b in range(2):
+            if config.channel == "gray":
+                channel = cv2.cvtColor(rgb[b], cv2.COLOR_RGB2GRAY)
+            else:
+                channel = np.ascontiguousarray(rgb[b][:, :, ("red", "green", "blue").index(config.channel)])
+            flag = cv2.THRESH_OTSU if config.method == "otsu" else cv2.THRESH_TRIANGLE
+            binary = cv2.threshold(channel, 100, 255, cv2.THRESH_BINARY | flag)[1] > 0
+            assert np.array_equal(ours[b], ~binary if config.invert else binary), name
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 6, 8, 15])

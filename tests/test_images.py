@@ -71,8 +71,28 @@ def test_array_inputs_of_several_layouts():
     assert to_pil_rgb(np.zeros((5, 6), dtype=np.uint8)).size == (6, 5)
     assert to_pil_rgb(np.ones((5, 6, 3), dtype=np.float32)).getpixel((0, 0)) == (255, 255, 255)
     assert to_pil_rgb(torch.zeros(3, 5, 6)).size == (6, 5)
+    chw = np.zeros((3, 5, 6), dtype=np.uint8)
+    chw[0], chw[2] = 200, 10
+    assert to_pil_rgb(chw).size == (6, 5) and to_pil_rgb(chw).getpixel((0, 0)) == (200, 0, 10)
     with pytest.raises(InputError, match="expected"):
         to_pil_rgb(np.zeros((5, 6, 7), dtype=np.uint8))
+
+
+def test_bit_depth_comes_from_the_type_not_the_pixel_values(tmp_path):
+    """A dark 16-bit image stays dark: 255 in a 16-bit image is 255/65535 of full scale."""
+    for mode, dtype in (("I;16", np.uint16), ("I", np.int32)):
+        pil = Image.fromarray(np.full((4, 4), 255, dtype=dtype))
+        assert pil.mode == mode
+        assert np.asarray(to_pil_rgb(pil))[0, 0, 0] == 1
+        assert np.asarray(to_pil_rgb(Image.fromarray(np.full((4, 4), 65535, dtype=dtype))))[0, 0, 0] == 255
+    assert np.asarray(to_pil_rgb(np.full((4, 4), 255, dtype=np.uint16)))[0, 0, 0] == 1
+    assert np.asarray(to_pil_rgb(np.full((4, 4), 255, dtype=np.uint8)))[0, 0, 0] == 255
+    path = _save(tmp_path / "dark16.png", np.full((4, 4), 200, dtype=np.uint16))
+    assert np.asarray(load_image(path))[0, 0, 0] == 1
+    with pytest.raises(InputError, match=r"\[0, 65535\]"):
+        to_pil_rgb(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)))  # not 16-bit data
+    with pytest.raises(InputError, match="uint8 or uint16"):
+        to_pil_rgb(np.full((4, 4), 7, dtype=np.int64))  # no bit depth to go by
 
 
 def test_mask_binarised_above_zero_and_resized_nearest(tmp_path):
@@ -93,3 +113,26 @@ def test_list_images_sorted_and_empty_folder_error(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no images"):
         list_images(empty, what="--source")
+
+
+def _mask_file(tmp_path, name, image):
+    path = tmp_path / name
+    image.save(path)
+    return load_mask(path)[0]
+
+
+def test_alpha_is_not_a_label_and_palette_masks_read_their_colours(tmp_path):
+    label = np.zeros((6, 8), dtype=np.uint8)
+    label[1:3, 2:5] = 255
+    opaque = np.full_like(label, 255)
+    rgba = np.stack([label, label, label, opaque], axis=-1)
+    assert torch.equal(_mask_file(tmp_path, "rgba.png", Image.fromarray(rgba, "RGBA")), torch.from_numpy(label > 0).float())
+    la = np.stack([label, opaque], axis=-1)
+    assert torch.equal(_mask_file(tmp_path, "la.png", Image.fromarray(la, "LA")), torch.from_numpy(label > 0).float())
+    # Palette masks are read through their colours, not their indices:
+    palette = Image.fromarray((label > 0).astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)  # index 0 black, index 1 red
+    assert torch.equal(_mask_file(tmp_path, "p.png", palette), torch.from_numpy(label > 0).float())
+    swapped = Image.fromarray((label == 0).astype(np.uint8), "P")
+    swapped.putpalette([255, 255, 255, 0, 0, 0] + [0, 0, 0] * 254)  # index 0 white (anomalous), 1 black
+    assert torch.equal(_mask_file(tmp_path, "q.png", swapped), torch.from_numpy(label > 0).float())

@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from sia.errors import InputError
-from sia.perlin import perlin_masks, perlin_noise, perlin_noise_reference, rotate_batch
+from sia.perlin import (
+    perlin_masks,
+    perlin_masks_bool,
+    perlin_noise,
+    perlin_noise_reference,
+    perlin_resolutions,
+    rotate_batch,
+    rotation_angles,
+)
 
 
 @pytest.mark.parametrize("shape", [(3, 64, 64), (2, 37, 90), (1, 128, 48)])
@@ -101,3 +109,25 @@ def test_invalid_arguments_raise_input_error():
     with pytest.raises(InputError):
         perlin_masks(1, 10, 10, min_scale_exp=3, max_scale_exp=3)
     assert perlin_masks(0, 8, 8).shape == (0, 1, 8, 8)
+
+
+def test_official_defaults_scales_1_to_32_per_axis_and_angles_within_90_degrees():
+    res_y, res_x = perlin_resolutions(4000, torch.Generator().manual_seed(0))
+    for res in (res_y, res_x):
+        exps = torch.log2(res.float()).round().long()
+        assert torch.equal(2**exps, res)
+        counts = torch.bincount(exps, minlength=6)
+        assert counts.numel() == 6 and (counts > 550).all()  # {0..5}, each about 1/6 of the draws
+    assert (res_y != res_x).float().mean() > 0.7  # the two axes are drawn independently
+    angles = rotation_angles(4000, torch.Generator().manual_seed(1))
+    assert angles.min() >= -90 and angles.max() <= 90
+    assert angles.min() < -89 and angles.max() > 89 and abs(angles.mean()) < 3  # uniform over the range
+
+
+def test_masks_use_those_draws_in_order():
+    """The default masks are exactly: resolutions, gradient angles, rotation, then noise > 0.5."""
+    generator = torch.Generator().manual_seed(7)
+    res_y, res_x = perlin_resolutions(5, generator)
+    noise = perlin_noise(5, 40, 56, res_y, res_x, generator)[:, None]
+    expected = rotate_batch(noise, rotation_angles(5, generator)) > 0.5
+    assert torch.equal(perlin_masks_bool(5, 40, 56, torch.Generator().manual_seed(7)), expected)

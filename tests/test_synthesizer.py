@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from sia.errors import InputError
-from sia.synthesizer import AnomalySynthesizer, SynthesisResult, SyntheticAnomalyDataset, item_seed
+from sia.synthesizer import AnomalySynthesizer, SynthesisResult, SyntheticAnomalyDataset, as_image_tensor, item_seed
 
 
 @pytest.fixture()
@@ -92,7 +92,7 @@ def test_bad_inputs_raise_one_line_input_errors(sia_folder, tmp_path):
         AnomalySynthesizer(sia_folder, opacity=(0.5, 1.5))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(InputError, match="empty"):
+    with pytest.raises(InputError, match="no images found"):
         AnomalySynthesizer(empty)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated")
@@ -148,3 +148,36 @@ def test_dataset_accepts_tuples_and_pil_and_collates(sia_folder, kind):
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
     assert batch["image"].shape == (4, 3, 24, 24) and batch["mask"].shape == (4, 1, 24, 24)
     assert batch["is_synthetic"].all()
+
+
+def test_float_tensors_must_be_finite_and_in_unit_range(sia_folder):
+    image = normal_image()
+    assert torch.equal(as_image_tensor(image), image)
+    assert as_image_tensor(image * 0 + 1.0005).max() == 1.0  # rounding overshoot is tolerated
+    synth = AnomalySynthesizer(sia_folder)
+    with pytest.raises(InputError, match=r"expected floats in \[0, 1\], got values in \[0\.0\d+, 127\.\d+\]"):
+        synth(image * 255, seed=0)  # a 0..255 float image is not silently turned white
+    with pytest.raises(InputError, match="NaN"):
+        synth(torch.where(image > 0.4, torch.nan, image), seed=0)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        as_image_tensor(image - 0.1)
+
+
+def test_dataset_indexing_follows_python_rules(sia_folder):
+    dataset = SyntheticAnomalyDataset(NormalImages(6), AnomalySynthesizer(sia_folder), probability=1.0, seed=3)
+    last, also_last = dataset[-1], dataset[5]
+    assert torch.equal(last["image"], also_last["image"]) and last["path"] == "img5.png"
+    assert dataset[-6]["path"] == "img0.png"
+    for bad in (6, -7):
+        with pytest.raises(IndexError, match="out of range"):
+            dataset[bad]
+    assert len(list(dataset)) == 6  # iteration stops at the end via IndexError
+
+
+def test_image_size_must_be_positive(sia_folder):
+    for bad in (0, -3, (0, 8), (8,), (8, 8, 8), 2.5, True):
+        with pytest.raises(InputError, match="image_size"):
+            SyntheticAnomalyDataset(NormalImages(2), AnomalySynthesizer(sia_folder), image_size=bad)
+        with pytest.raises(InputError, match="image_size"):
+            AnomalySynthesizer(sia_folder, image_size=bad)
+    assert SyntheticAnomalyDataset(NormalImages(2), AnomalySynthesizer(sia_folder), image_size=16)[0]["image"].shape == (3, 16, 16)
