@@ -4,7 +4,9 @@ Supported layouts under `root` (checked in this order):
 
 * MVTec-style benchmark folders: `<root>/<category>/train/good/*` (MVTec AD, MPDD, VisA in
   MVTec layout) or `<root>/<category>/train/ok/*` (BTAD);
-* generic folders: `<root>/<category>/**/*.png|jpg|...`, one sub-folder per category;
+* generic folders: `<root>/<category>/**/*.png|jpg|...`, one sub-folder per category (a folder
+  with `test/` or `ground_truth/` but no `train/good|ok` is refused: its defects and masks would
+  otherwise become "normal" training images);
 * a single folder of images: one category (named by `categories` if one name is given, else by
   the folder's name).
 
@@ -30,6 +32,8 @@ from .errors import InputError
 from .images import IMAGE_EXTENSIONS, list_images, load_image_tensor
 
 NORMAL_TRAIN_SUBFOLDERS = (("train", "good"), ("train", "ok"))
+#: Sub-folders of a benchmark category that hold defects or masks, never normal training images.
+ANOMALY_SUBFOLDERS = ("test", "ground_truth")
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,24 @@ def _has_images(folder: Path, recursive: bool) -> bool:
     return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.glob(pattern))
 
 
+def _refuse_benchmark_without_normal_split(folder: Path) -> None:
+    """A benchmark-like folder (test/ or ground_truth/) without train/good|ok must not be read whole.
+
+    Reading it recursively would make defect images and their masks "normal" training data.
+    """
+    found = [name for name in ANOMALY_SUBFOLDERS if (folder / name).is_dir()]
+    if found:
+        raise InputError(f"--data {folder}: has {' and '.join(n + '/' for n in found)} but no train/good or train/ok; "
+                         "expected the normal images in train/good (or train/ok), or a folder of normal images only")
+
+
 def _category_images(folder: Path) -> list[Path]:
     """Normal training images of one category folder (benchmark split first, else every image)."""
     for parts in NORMAL_TRAIN_SUBFOLDERS:
         split = folder.joinpath(*parts)
         if split.is_dir():
             return list_images(split, what=f"category folder {folder.name} ({'/'.join(parts)})")
+    _refuse_benchmark_without_normal_split(folder)
     return list_images(folder, what=f"category folder {folder.name}")
 
 
@@ -68,6 +84,8 @@ def discover_training_images(root: str | Path, categories: list[str] | None = No
     if len(set(categories)) != len(categories):
         raise InputError(f"--categories: duplicate names in {','.join(categories)}")
     own_split = any(root.joinpath(*parts).is_dir() for parts in NORMAL_TRAIN_SUBFOLDERS)
+    if not own_split:  # else test/ and ground_truth/ would be taken for two categories
+        _refuse_benchmark_without_normal_split(root)
     subfolders = {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and _has_images(p, recursive=True)}
     named_subfolders = bool(categories) and all(c in subfolders for c in categories)
     is_category_root = not own_split and subfolders and (named_subfolders or not _has_images(root, recursive=False))

@@ -10,7 +10,15 @@ Layout of the output folder (``datasets.load_dataset("imagefolder", data_dir=DIR
 
 Image ``i`` of a category is sampled with its own generator seeded ``seed + i`` (latents, its
 strength and its step noise), so the set does not depend on the batch size or on the number of
-processes. Runs launched with ``torchrun``/``accelerate launch`` split the images across processes
+processes, and any image can be regenerated alone. Two consequences of this (required) scheme:
+
+* seeds of different runs overlap: image ``i`` of a run with ``seed=1`` is image ``i + 1`` of a run
+  with ``seed=0``. To *extend* a set with new images, use a seed far from every earlier one, e.g.
+  ``seed + 1_000_000`` (more than any ``num_images``), never ``seed + 1``;
+* image ``i`` of every category starts from the same noise x_T (only the class label differs), so
+  the categories of one set are not independent samples of the noise.
+
+Runs launched with ``torchrun``/``accelerate launch`` split the images across processes
 (`accelerate.PartialState`). An interrupted run resumes where it stopped: finished images are
 skipped and every file is written to a temporary name first, then renamed.
 """
@@ -18,6 +26,7 @@ skipped and every file is written to a temporary name first, then renamed.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +42,8 @@ __all__ = ["generate_dataset", "load_generation_pipeline", "resolve_model", "Gen
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_KEYS = ("model", "revision", "sampler", "steps", "strength", "seed", "dtype")
+#: torch generators take seeds in [0, 2**64); every ``seed + i`` of a run must fit.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -44,6 +55,19 @@ class GenerationSummary:
     skipped: int
     total: int
     metadata: Path | None
+
+
+def _whole_number(value: object, name: str, minimum: int) -> int:
+    """`value` as an int (python or numpy integer; not a bool or float) >= `minimum`, else an InputError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise InputError(f"{name} must be at least {minimum}, got {number}")
+    return number
 
 
 def parse_strength(values: float | str | Sequence[float | str]) -> tuple[float, ...]:
@@ -148,11 +172,22 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; a damaged file is an InputError naming it (not a JSONDecodeError)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable {what} ({type(err).__name__}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}; fix or delete it")
+    return data
+
+
 def _check_settings(settings_path: Path, settings: dict) -> bool:
     """True when the folder already has settings (equal ones); InputError naming the differences otherwise."""
     if not settings_path.is_file():
         return False
-    existing = json.loads(settings_path.read_text(encoding="utf-8"))
+    existing = _read_json(settings_path, "settings of this dataset folder")
     diffs = [f"{k}: existing {existing.get(k)!r} vs requested {settings[k]!r}"
              for k in SETTINGS_KEYS if existing.get(k) != settings[k]]
     if diffs:
@@ -165,8 +200,8 @@ def _rebuild_metadata(output: Path) -> Path:
     records_dir = output / ".sia" / "records"
     lines = []
     for record_path in sorted(records_dir.glob("*/*.json")):
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        if (output / record["file_name"]).is_file():
+        record = _read_json(record_path, "image record")
+        if (output / str(record.get("file_name", ""))).is_file():
             lines.append(json.dumps(record, sort_keys=True))
     metadata = output / "metadata.jsonl"
     _write_text_atomic(metadata, "\n".join(lines) + ("\n" if lines else ""))
@@ -196,18 +231,25 @@ def generate_dataset(
             default pipeline of the categories' benchmark (see `resolve_model`).
         categories: category names (as known by the model; ``"bottle"`` or ``"mvtec-ad/bottle"``).
         strength: fixed s, or (min, max) with s ~ U(min, max) drawn per image.
-        seed: image i of every category uses seed + i.
+        seed: image i of every category uses seed + i (its latents, strength and step noise). So a
+            run with seed 1 repeats the images of a run with seed 0 shifted by one, and image i of
+            all categories shares its starting noise. To extend a set, pick a far-apart seed such
+            as seed + 1_000_000 (into a new folder), not seed + 1.
+        steps: respaced sampling steps, 1 .. the scheduler's num_train_timesteps (1000).
         sampler: "ddpm" (official) or "ddim".
         on_image_saved: called with each image's record after it is written (progress hooks, tests).
+
+    Everything that can be checked cheaply (numbers, categories, steps against the model's
+    scheduler) is checked before `.sia/settings.json` is written, so a typo does not lock the folder.
     """
     from accelerate import PartialState
 
-    if num_images < 1:
-        raise InputError(f"--num-images must be at least 1, got {num_images}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-    if steps < 1:
-        raise InputError(f"--steps must be at least 1, got {steps}")
+    num_images, batch_size, steps = (_whole_number(v, n, minimum=1) for n, v in
+                                     (("--num-images", num_images), ("--batch-size", batch_size), ("--steps", steps)))
+    seed = _whole_number(seed, "--seed", minimum=0)
+    if seed + num_images - 1 > MAX_SEED:
+        raise InputError(f"--seed must be at most 2**64 - num_images, so that every seed + i fits a torch generator; "
+                         f"got {seed}")
     strengths = parse_strength(strength)
     names = parse_categories(categories)
     state = PartialState()
@@ -215,7 +257,11 @@ def generate_dataset(
     pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device or state.device, dtype)
     pipe.use_sampler(sampler)
     pipe.set_progress_bar_config(disable=True)
-    names = [pipe.categories[pipe.category_id(n)] for n in names]
+    max_steps = int(pipe.scheduler.config.num_train_timesteps)
+    if steps > max_steps:
+        raise InputError(f"--steps must be at most {max_steps} (the model's num_train_timesteps), got {steps}")
+    # De-duplicate after resolving: "bottle" and "mvtec-ad/bottle" are the same category.
+    names = list(dict.fromkeys(pipe.categories[pipe.category_id(n)] for n in names))
 
     output = Path(output)
     settings = {"model": model_id, "revision": resolved_revision, "sampler": sampler.lower(), "steps": steps,

@@ -10,11 +10,17 @@ The category names (list index = class id of the UNet) live in the pipeline conf
 (``model_index.json``), so ``SDASPipeline.from_pretrained(dir_or_hub_id)`` restores everything.
 Swap the sampler the diffusers way:
 ``pipe.scheduler = SDASDDIMScheduler.from_config(pipe.scheduler.config)`` or `use_sampler("ddim")`.
+
+PIL (and uint8) output rounds to the nearest grey level (``round(255 * (x + 1) / 2)``, the diffusers
+convention); the official sampler truncates (``uint8((x + 1) * 127.5)``), so about half of the pixels
+are one level brighter here than in the official release (which is also JPEG, not PNG).
 """
 
 from __future__ import annotations
 
 import inspect
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +50,36 @@ class SDASPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     strengths: list[float]
+
+
+def _whole_number(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int (python or numpy integer, not bool or float) >= `minimum`, else an InputError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise InputError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def _strength_range(strength) -> tuple[float, float]:
+    """(min, max) of a strength given as a number or a pair (python, numpy or torch); InputError otherwise."""
+    if isinstance(strength, (torch.Tensor, np.ndarray)):
+        strength = strength.tolist()
+    if isinstance(strength, numbers.Real) and not isinstance(strength, bool):
+        values = [strength, strength]
+    elif (isinstance(strength, (list, tuple)) and len(strength) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in strength)):
+        values = list(strength)
+    else:
+        raise InputError(f"strength must be a number or a (min, max) pair of numbers, got {strength!r}")
+    low, high = float(values[0]), float(values[1])
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high < low:
+        raise InputError(f"strength must satisfy 0 <= min <= max (finite), got {strength!r}")
+    return low, high
 
 
 def _draw_uniform(count: int, generator: GeneratorLike) -> torch.Tensor:
@@ -110,26 +146,24 @@ class SDASPipeline(DiffusionPipeline):
                     return categories.index(candidate)
         raise InputError(f"unknown category {name!r}; this model knows: {', '.join(categories)}")
 
-    def _strengths(self, strength, count: int, generator: GeneratorLike) -> torch.Tensor:
-        if isinstance(strength, torch.Tensor):
-            strength = strength.tolist()
-        if isinstance(strength, (int, float)):
-            low = high = float(strength)
-        elif isinstance(strength, Sequence) and len(strength) == 2:
-            low, high = float(strength[0]), float(strength[1])
-        else:
-            raise InputError(f"strength must be a number or a (min, max) pair, got {strength!r}")
-        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high < low:
-            raise InputError(f"strength must satisfy 0 <= min <= max, got {strength!r}")
+    @staticmethod
+    def _strengths(low: float, high: float, count: int, generator: GeneratorLike) -> torch.Tensor:
         if low == high:
             return torch.full((count,), low, dtype=torch.float64)
         return low + (high - low) * _draw_uniform(count, generator).double()
 
     def _class_ids(self, category, num_images: int | None) -> list[int]:
-        if isinstance(category, (str, int)):
+        if num_images is not None:
+            num_images = _whole_number(num_images, "num_images")
+        if isinstance(category, (torch.Tensor, np.ndarray)):
+            category = category.tolist()  # numpy / torch integers become python ints
+        if isinstance(category, (str, int, np.integer)):
             count = 1 if num_images is None else num_images
             return [self.category_id(category)] * count
-        names = list(category)
+        try:
+            names = list(category)
+        except TypeError:
+            raise InputError(f"category must be a name, a class id or a list of them, got {category!r}") from None
         if num_images is not None and num_images != len(names):
             if len(names) != 1:
                 raise InputError(f"category lists {len(names)} names but num_images is {num_images}")
@@ -144,7 +178,7 @@ class SDASPipeline(DiffusionPipeline):
         strength: float | tuple[float, float] = 0.15,
         num_inference_steps: int = 20,
         generator: GeneratorLike = None,
-        latents: torch.Tensor | None = None,
+        latents: torch.Tensor | np.ndarray | None = None,
         batch_size: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -159,9 +193,11 @@ class SDASPipeline(DiffusionPipeline):
             num_inference_steps: respaced steps (20 = the official ``ddim20`` timesteps 950, 900, ..., 0).
             generator: one generator (images then depend on batching) or one per image (each image is
                 then reproducible on its own: latents, its strength, and its step noise come from it).
-            latents: optional (N, 3, H, W) starting noise x_T (e.g. to compare strengths from the same x_T).
+            latents: optional (N, 3, H, W) starting noise x_T, a tensor or numpy array (e.g. to compare
+                strengths from the same x_T).
             batch_size: images per UNet call (default: all at once).
             output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]) or "pt" ((N, 3, H, W) float in [0, 1]).
+                PIL images are rounded to 8 bits (the official code truncates; see the module docstring).
         """
         if output_type not in ("pil", "np", "pt"):
             raise InputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
@@ -171,21 +207,34 @@ class SDASPipeline(DiffusionPipeline):
             raise InputError("num_images must be at least 1")
         if isinstance(generator, list) and len(generator) != total:
             raise InputError(f"got {len(generator)} generators for {total} images; pass one per image or a single one")
+        low, high = _strength_range(strength)
         channels = self.unet.config.in_channels
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (total, channels, *size)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        batch_size = total if batch_size is None else int(batch_size)
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if latents is not None:
+            if isinstance(latents, np.ndarray):
+                latents = torch.from_numpy(latents)
+            if not isinstance(latents, torch.Tensor):
+                raise InputError(f"latents must be a torch tensor or numpy array, got {type(latents).__name__}")
+            if tuple(latents.shape) != shape:
+                raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        batch_size = total if batch_size is None else _whole_number(batch_size, "batch_size")
+        num_inference_steps = _whole_number(num_inference_steps, "num_inference_steps")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > max_steps:
+            raise InputError(f"num_inference_steps must be at most the scheduler's num_train_timesteps ({max_steps}), "
+                             f"got {num_inference_steps}")
 
         accepts_strength = "anomaly_strength" in inspect.signature(self.scheduler.step).parameters
+        if not accepts_strength and high > 0:
+            raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
+                             "use SDASScheduler or SDASDDIMScheduler")
         device, unet_dtype = self._execution_device, self.unet.dtype
-        self.scheduler.set_timesteps(num_inference_steps)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+        except ValueError as err:  # any other schedule diffusers cannot build
+            raise InputError(f"num_inference_steps {num_inference_steps}: {str(err).splitlines()[0]}") from None
         timesteps = self.scheduler.timesteps
 
         starts = list(range(0, total, batch_size))
@@ -198,10 +247,7 @@ class SDASPipeline(DiffusionPipeline):
                     x = randn_tensor((stop - start, *shape[1:]), generator=gen, device=device, dtype=torch.float32)
                 else:
                     x = latents[start:stop].to(device=device, dtype=torch.float32)
-                s = self._strengths(strength, stop - start, gen)
-                if not accepts_strength and bool((s > 0).any()):
-                    raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
-                                     "use SDASScheduler or SDASDDIMScheduler")
+                s = self._strengths(low, high, stop - start, gen)
                 labels = torch.tensor(class_ids[start:stop], device=device, dtype=torch.long)
                 step_kwargs = {"anomaly_strength": s.to(device=device, dtype=torch.float32)} if accepts_strength else {}
                 for t in timesteps:

@@ -8,7 +8,8 @@ as OpenAI's ImageNet model) by shape-matched copying.
 
 Output folder layout:
 
-    training_config.json      the config of the run (checked again on --resume)
+    training_config.json      the config of the run (checked again on --resume, which also needs the
+                              same number of processes and the same mixed precision)
     init_report.json          keys loaded / skipped by --init-from (only with --init-from)
     train_log.jsonl           step, loss, mse, vb (bits), lr, every `log_every` steps
     samples/step_XXXXXX.png   rows s = 0, 0.1, 0.2 from one fixed noise (like the paper's Fig. 3a)
@@ -47,11 +48,14 @@ from .unets import UNET_PRESETS, unet_config
 
 DEFAULT_MAX_STEPS = 10_000
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
-# Fields that may change between an interrupted run and its --resume.
+# Fields that may change between an interrupted run and its --resume. Not mixed_precision: a switch to
+# fp16 makes accelerate load a grad-scaler state that a "no"/"bf16" checkpoint never wrote.
 RESUMABLE_CHANGES = {
     "max_steps", "epochs", "checkpoint_every", "checkpoints_total_limit", "sample_every", "sample_images",
-    "sample_inference_steps", "log_every", "num_workers", "resume", "overwrite", "progress", "mixed_precision", "cpu",
+    "sample_inference_steps", "log_every", "num_workers", "resume", "overwrite", "progress", "cpu",
 }
+#: Training timesteps of the (default) SDASScheduler the run trains and samples with.
+NUM_TRAIN_TIMESTEPS = 1000
 CHECKPOINT_PREFIX = "step_"
 
 
@@ -118,6 +122,10 @@ class DiffusionTrainingConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise InputError(f"{name}: expected a positive number, got {value}")
+        if self.sample_inference_steps > NUM_TRAIN_TIMESTEPS:
+            # Checked here so a run does not fail at its first sample grid, hours in.
+            raise InputError(f"sample_inference_steps: expected at most {NUM_TRAIN_TIMESTEPS} (the training timesteps), "
+                             f"got {self.sample_inference_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
         if self.max_grad_norm < 0 or self.vb_weight < 0 or self.sample_every < 0 or self.num_workers < 0:
@@ -310,19 +318,41 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _prepare_output(config: DiffusionTrainingConfig, out: Path) -> Path | None:
-    """Refuse to clobber earlier results; return the checkpoint to resume from, if any."""
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a run file; a damaged one is a one-line InputError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable ({type(err).__name__}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _prepare_output(config: DiffusionTrainingConfig, out: Path, num_processes: int = 1) -> Path | None:
+    """Refuse to clobber earlier results; return the checkpoint to resume from, if any.
+
+    A resume must use the same number of processes as the checkpoint: the global batch and the
+    data order (`batch_keys`) depend on it, so another world size would silently train differently.
+    """
     previous = [out / name for name in ("pipeline", "checkpoints", "training_config.json") if (out / name).exists()]
     if config.resume:
         saved = out / "training_config.json"
         if saved.is_file():
-            old = json.loads(saved.read_text())
+            old = _read_json_object(saved)
             new = json.loads(json.dumps(config.to_json_dict()))
             changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
             if changed:
                 raise InputError(f"--resume {out}: settings differ from the interrupted run: "
                                  + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
-        return latest_checkpoint(out)
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is not None:
+            stored = _read_json_object(checkpoint / "trainer_state.json").get("num_processes")
+            if stored is not None and stored != num_processes:
+                raise InputError(f"--resume {out}: checkpoint {checkpoint.name} was trained with {stored} processes but "
+                                 f"this launch has {num_processes}; relaunch with {stored} (global batch and data "
+                                 "order depend on it) or start a new run")
+        return checkpoint
     if previous and not config.overwrite:
         raise InputError(f"--output {out}: already holds a training run ({', '.join(p.name for p in previous)}); "
                          "pass --resume to continue it or --overwrite to start again")
@@ -437,14 +467,28 @@ def _load_checkpoint(accelerator, folder: Path, ema: EMAWeights) -> int:
 
     accelerator.load_state(str(folder))
     ema.load_state_dict({k: v.to(accelerator.device) for k, v in load_file(str(folder / "ema.safetensors")).items()})
-    return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    return int(_read_json_object(folder / "trainer_state.json")["step"])
+
+
+def _log_step(line: str) -> int | None:
+    """Step of one train_log.jsonl line, or None for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log records written after the checkpoint a run resumes from (they will be redone)."""
+    """Drop log records written after the checkpoint a run resumes from (they will be redone).
+
+    Lines that do not parse (a record half-written when the run was killed) are dropped too.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (step := _log_step(line)) is not None and step <= last_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -477,7 +521,7 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
     config.validate()
     out = Path(config.output_dir)
     accelerator = _make_accelerator(config)
-    resume_from = _prepare_output(config, out)
+    resume_from = _prepare_output(config, out, accelerator.num_processes)
     categories, items = discover_training_images(config.data_dir, config.categories)
     image_size = config.resolved_image_size()
     dataset = NormalImageDataset(items, image_size)

@@ -39,11 +39,40 @@ def test_tiny_preset_is_class_conditional_with_learned_variance():
     assert not torch.allclose(out, other)
 
 
-def test_adm_preset_matches_the_official_layout():
+def test_adm_preset_puts_attention_exactly_at_32_16_and_8_px():
+    """Run the preset's block types (narrowed, so it is quick) on a 256 px input and record where attention runs."""
+    from collections import Counter
+
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
     config = UNET_PRESETS["adm-256"]
     assert config["block_out_channels"] == (256, 256, 512, 512, 1024, 1024)
     assert config["attention_head_dim"] == 64 and config["resnet_time_scale_shift"] == "scale_shift"
-    assert config["down_block_types"].count("AttnDownBlock2D") == 3  # 32, 16 and 8 px
+    narrow = {**config, "block_out_channels": (8,) * 6, "attention_head_dim": 8, "norm_num_groups": 4,
+              "attn_norm_num_groups": 4, "num_class_embeds": 2}
+    unet = UNet2DModel(**narrow).eval()
+    sizes: list[int] = []
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[-1]))
+    with torch.no_grad():
+        unet(torch.zeros(1, 3, 256, 256), torch.tensor([10]), class_labels=torch.tensor([1]))
+    # ADM: 2 res blocks per level going down, 3 going up, one attention each at ds 8/16/32, plus the middle block.
+    assert Counter(sizes) == {32: 2 + 3, 16: 2 + 3, 8: 2 + 1 + 3}
+
+
+def test_adm_preset_has_the_parameter_count_of_the_official_adm_256():
+    """Counted on the meta device against an independent ADM build (tests/official_adm.py)."""
+    from official_adm import OfficialADM
+
+    with torch.device("meta"):
+        official = OfficialADM(model_channels=256, num_res_blocks=2, attention_ds=(8, 16, 32),
+                               channel_mult=(1, 1, 2, 2, 4, 4), num_classes=15, head_channels=64)
+        ours = build_unet("adm-256", num_classes=15)
+    official_count = sum(p.numel() for p in official.parameters())
+    assert official_count == 552_829_446
+    assert sum(p.numel() for p in ours.parameters()) == official_count
 
 
 def test_image_size_must_fit_the_down_factor():

@@ -10,7 +10,8 @@ import torch
 from diffusers import DDPMScheduler
 from scipy.stats import norm
 
-from sia.diffusion_loss import DiffusionCoefficients, add_noise, hybrid_loss
+from sia.diffusion_loss import (DiffusionCoefficients, add_noise, approx_standard_normal_cdf,
+                                discretized_gaussian_log_likelihood, hybrid_loss)
 from sia.errors import InputError
 
 T = 1000
@@ -23,8 +24,13 @@ def _reference_schedule():
     return betas, abar, abar_prev
 
 
-def _reference_terms(out, x0, xt, eps_true, t):
-    """Per-sample (mse, vb in bits) from first principles, in numpy float64."""
+def _tanh_cdf(x):
+    """guided-diffusion's approx_standard_normal_cdf, written out in numpy."""
+    return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _reference_terms(out, x0, xt, eps_true, t, cdf="exact"):
+    """Per-sample (mse, vb in bits) from first principles, in numpy float64 (decoder with either CDF)."""
     betas, abar, abar_prev = _reference_schedule()
     c = x0.shape[1]
     mse, vb = [], []
@@ -51,9 +57,10 @@ def _reference_terms(out, x0, xt, eps_true, t):
             sd = np.sqrt(model_var)
             lo_edge = (x0[i] - 1 / 255 - mu_p) / sd
             hi_edge = (x0[i] + 1 / 255 - mu_p) / sd
-            prob = norm.cdf(hi_edge) - norm.cdf(lo_edge)
-            prob = np.where(x0[i] < -0.999, norm.cdf(hi_edge), prob)
-            prob = np.where(x0[i] > 0.999, norm.sf(lo_edge), prob)
+            phi = norm.cdf if cdf == "exact" else _tanh_cdf
+            prob = phi(hi_edge) - phi(lo_edge)
+            prob = np.where(x0[i] < -0.999, phi(hi_edge), prob)
+            prob = np.where(x0[i] > 0.999, norm.sf(lo_edge) if cdf == "exact" else 1 - phi(lo_edge), prob)
             vb.append(-np.mean(np.log(np.maximum(prob, 1e-12))) / np.log(2))
     return np.array(mse), np.array(vb)
 
@@ -73,12 +80,14 @@ def _random_case(seed, dtype, timesteps):
     return torch.cat([eps_pred, v], dim=1), x0, xt, noise, t, scheduler
 
 
+@pytest.mark.parametrize("cdf", [None, "approx", "exact"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-6), (torch.float32, 2e-3)])
-def test_hybrid_loss_matches_float64_reference(dtype, rtol):
+def test_hybrid_loss_matches_float64_reference(dtype, rtol, cdf):
     steps = [0, 0, 1, 2, 17, 250, 500, 998, 999]
     out, x0, xt, noise, t, scheduler = _random_case(0, dtype, steps)
-    result = hybrid_loss(out, x0, xt, noise, t, scheduler)
-    ref_mse, ref_vb = _reference_terms(*(a.double().numpy() for a in (out, x0, xt, noise)), steps)
+    result = hybrid_loss(out, x0, xt, noise, t, scheduler, **({} if cdf is None else {"cdf": cdf}))
+    ref_mse, ref_vb = _reference_terms(*(a.double().numpy() for a in (out, x0, xt, noise)), steps,
+                                       cdf=cdf or "approx")  # the official approximation is the default
     np.testing.assert_allclose(result["mse"].double().numpy(), ref_mse, rtol=rtol)
     np.testing.assert_allclose(result["vb"].double().numpy(), ref_vb, rtol=rtol, atol=1e-7)
     assert result["loss"].item() == pytest.approx(float(np.mean(ref_mse + ref_vb)), rel=rtol)
@@ -141,3 +150,25 @@ def test_bad_shapes_and_timesteps_are_input_errors():
         hybrid_loss(out[:, :3], x0, xt, noise, t, scheduler)
     with pytest.raises(InputError, match="timesteps"):
         hybrid_loss(out, x0, xt, noise, torch.tensor([1, 1000]), scheduler)
+
+
+def test_approx_cdf_is_the_official_tanh_formula_and_close_to_the_exact_cdf():
+    x = torch.linspace(-8, 8, 4001, dtype=torch.float64)
+    expected = 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(approx_standard_normal_cdf(x), expected, rtol=0, atol=1e-15)
+    error = (approx_standard_normal_cdf(x) - torch.special.ndtr(x)).abs()
+    assert 1e-5 < error.max().item() < 2e-4  # a real approximation, but a close one
+
+
+def test_the_two_decoder_cdfs_give_nearly_the_same_likelihood():
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randint(0, 256, (4, 3, 8, 8), generator=g).double() / 127.5 - 1
+    mean = x0 + 0.01 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    log_scale = torch.full_like(x0, math.log(0.01))
+    approx = discretized_gaussian_log_likelihood(x0, mean, log_scale, cdf="approx")
+    exact = discretized_gaussian_log_likelihood(x0, mean, log_scale, cdf="exact")
+    assert not torch.equal(approx, exact)
+    assert (approx - exact).abs().mean().item() < 1e-3
+    torch.testing.assert_close(discretized_gaussian_log_likelihood(x0, mean, log_scale), approx)  # the default
+    with pytest.raises(InputError, match="cdf"):
+        discretized_gaussian_log_likelihood(x0, mean, log_scale, cdf="erf")

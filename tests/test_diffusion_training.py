@@ -221,3 +221,109 @@ def test_cli_train_writes_a_loadable_pipeline(toy_data: Path, tmp_path: Path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     bad = CliRunner().invoke(app, args[:-1] + ["--mixed-precision", "fp8", "--overwrite"])
     assert bad.exit_code == 2 and "--mixed-precision" in bad.output
+
+
+def test_benchmark_folder_without_a_normal_split_is_refused(tmp_path: Path):
+    for layout in ("category_root", "single"):
+        root = tmp_path / layout
+        category = root / "bottle" if layout == "category_root" else root
+        for sub in ("test/crack", "ground_truth/crack", "train/other"):
+            (category / sub).mkdir(parents=True)
+            _toy_image(0, 0).save(category / sub / "000.png")
+        with pytest.raises(InputError, match=r"ground_truth/ but no train/good or train/ok") as info:
+            discover_training_images(root)
+        assert str(category) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_sample_inference_steps_are_bounded_by_the_training_timesteps(toy_data: Path, tmp_path: Path):
+    _config(toy_data, tmp_path / "ok", sample_inference_steps=1000).validate()
+    with pytest.raises(InputError, match="sample_inference_steps.*1000"):
+        train_diffusion(_config(toy_data, tmp_path / "run", sample_inference_steps=1001))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_another_world_size_or_precision_and_skips_a_torn_log_line(toy_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    train_diffusion(_config(toy_data, out, max_steps=2, checkpoint_every=1))
+    state_path = training.latest_checkpoint(out) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state == {"step": 2, "num_processes": 1}
+
+    state_path.write_text(json.dumps({**state, "num_processes": 2}))
+    with pytest.raises(InputError, match=r"with 2 processes but this launch has 1") as info:
+        train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True))
+    assert "\n" not in str(info.value)
+    state_path.write_text(json.dumps(state))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # a fresh process could pick another precision
+    with pytest.raises(InputError, match=r"mixed_precision 'no' -> 'bf16'"):
+        train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True, mixed_precision="bf16"))
+
+    with open(out / "train_log.jsonl", "a") as log:
+        log.write('{"step": 3, "loss": 0.')  # killed in the middle of a write
+    AcceleratorState._reset_state(True)
+    train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True))
+    assert [r["step"] for r in _log(out)] == [1, 2, 3]
+
+
+def test_truncate_log_keeps_complete_records_up_to_the_checkpoint(tmp_path: Path):
+    path = tmp_path / "train_log.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2}\nnot json\n[3]\n{"step": 3}\n{"step": 2, "lo')
+    training._truncate_log(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ------------------------------------------------------------------ EMA and clipping
+
+
+def test_ema_update_moves_by_one_minus_decay_and_converges_to_the_model():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = training.EMAWeights(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0 + torch.randn_like(p))
+        model[1].running_mean.fill_(7.0)
+    ema.update(model)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(ema.state_dict()[name], (start[name] + param) / 2)
+    assert torch.equal(ema.state_dict()["1.running_mean"], torch.full((2,), 7.0))  # buffers are copied
+    assert all(not p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+    slow = training.EMAWeights(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0)
+    gaps = []
+    for _ in range(200):
+        slow.update(model)
+        gaps.append(max((slow.state_dict()[n] - p).abs().max().item() for n, p in model.named_parameters()))
+    assert gaps[-1] < 1e-6 * max(1.0, gaps[0]) and gaps[1] == pytest.approx(0.9 * gaps[0], rel=1e-4)
+
+
+def _gradient_norms_at_each_update(config: DiffusionTrainingConfig) -> list[float]:
+    """The global gradient norm the optimizer sees at every real update of a run."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    norms: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train_diffusion(config)
+    finally:
+        handle.remove()
+    return norms
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_each_update(toy_data: Path, tmp_path: Path):
+    limit = 1e-3
+    unclipped = _gradient_norms_at_each_update(_config(toy_data, tmp_path / "free", max_steps=3, max_grad_norm=0.0))
+    assert len(unclipped) == 3 and min(unclipped) > 10 * limit  # so the clipped run below is a real test
+    clipped = _gradient_norms_at_each_update(_config(toy_data, tmp_path / "clip", max_steps=3, max_grad_norm=limit,
+                                                     gradient_accumulation_steps=2))
+    assert len(clipped) == 3 and all(limit * 0.99 < n <= limit * (1 + 1e-4) for n in clipped), clipped

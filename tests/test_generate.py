@@ -199,3 +199,48 @@ def test_default_model_is_the_benchmarks_sdas_pipeline(model_dir, tmp_path, offl
         generate_dataset(None, tmp_path / "mixed", categories="bottle,pcb1", num_images=1, progress=False)
     with pytest.raises(InputError, match="no benchmark"):
         generate_dataset(None, tmp_path / "custom", categories="widget", num_images=1, progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(steps=1001), dict(steps=2.0), dict(num_images=0), dict(seed=-1),
+                                 dict(seed=2**64 - 2), dict(categories="carpet"), dict(sampler="euler")])
+def test_bad_arguments_are_refused_before_the_folder_is_locked(model_dir, tmp_path, bad):
+    with pytest.raises(InputError) as info:
+        generate_dataset(model_dir, tmp_path, **{**COMMON, "num_images": 3, **bad})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / ".sia" / "settings.json").exists()
+    summary = generate_dataset(model_dir, tmp_path, **{**COMMON, "num_images": 1, "steps": 1})  # a corrected retry
+    assert summary.generated == 2
+
+
+def test_steps_above_the_training_timesteps_name_the_limit(model_dir, tmp_path):
+    with pytest.raises(InputError, match=r"--steps must be at most 1000"):
+        generate_dataset(model_dir, tmp_path, **{**COMMON, "steps": 1001})
+
+
+def test_names_are_deduplicated_after_resolving(model_dir, tmp_path):
+    summary = generate_dataset(model_dir, tmp_path, **{**COMMON, "categories": "bottle,mvtec-ad/bottle", "num_images": 2})
+    assert (summary.total, summary.generated) == (2, 2)
+    records = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in records] == ["bottle/000000.png", "bottle/000001.png"]
+
+
+def test_corrupt_settings_file_is_a_one_line_input_error(model_dir, tmp_path):
+    settings = tmp_path / ".sia" / "settings.json"
+    settings.parent.mkdir(parents=True)
+    for text in ('{"model": "x", "st', "[1, 2]"):
+        settings.write_text(text)
+        with pytest.raises(InputError) as info:
+            generate_dataset(model_dir, tmp_path, **COMMON)
+        assert str(settings) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_seed_offsets_overlap_as_documented(model_dir, reference, tmp_path):
+    """seed + i: a run with seed 4 repeats images 1.. of the seed-3 reference, hence the far-apart advice."""
+    generate_dataset(model_dir, tmp_path, **{**COMMON, "seed": 4, "num_images": 2, "categories": "bottle"})
+    shifted, expected = _pixels(tmp_path), _pixels(reference)
+    for index in (0, 1):
+        assert np.abs(shifted[f"bottle/{index:06d}.png"] - expected[f"bottle/{index + 1:06d}.png"]).max() <= 1
+    import sia.generate
+
+    for doc in (sia.generate.__doc__, generate_dataset.__doc__):
+        assert "1_000_000" in doc

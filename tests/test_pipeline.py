@@ -130,3 +130,48 @@ def test_bfloat16_unet_keeps_scheduler_math_in_float32(pipe):
     pipe_bf16.set_progress_bar_config(disable=True)
     out = pipe_bf16("bottle", num_images=1, num_inference_steps=1, output_type="pt")
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+
+
+def _one_line_input_error(call) -> str:
+    with pytest.raises(InputError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_numpy_inputs_are_accepted(pipe):
+    kwargs = dict(num_images=2, strength=0.1, num_inference_steps=2, output_type="pt")
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    by_name = pipe("cable", latents=latents, generator=torch.Generator().manual_seed(1), **kwargs).images
+    by_numpy = pipe(np.int64(1), latents=latents.numpy(), generator=torch.Generator().manual_seed(1),
+                    **{**kwargs, "num_images": np.int64(2), "strength": np.float32(0.1)}).images
+    torch.testing.assert_close(by_name, by_numpy)
+    ids = pipe(np.array([1, 1]), latents=latents, generator=torch.Generator().manual_seed(1), **kwargs).images
+    torch.testing.assert_close(by_name, ids)
+
+
+def test_bad_types_and_steps_are_one_line_input_errors(pipe):
+    assert "strength" in _one_line_input_error(lambda: pipe("bottle", strength="ab", num_inference_steps=1))
+    assert "strength" in _one_line_input_error(lambda: pipe("bottle", strength=(0.1, "x"), num_inference_steps=1))
+    assert "num_images" in _one_line_input_error(lambda: pipe("bottle", num_images=2.0, num_inference_steps=1))
+    assert "batch_size" in _one_line_input_error(lambda: pipe("bottle", batch_size=1.5, num_inference_steps=1))
+    assert "category" in _one_line_input_error(lambda: pipe(1.5, num_inference_steps=1))
+    assert "latents" in _one_line_input_error(lambda: pipe("bottle", latents=[[0.0]], num_inference_steps=1))
+    message = _one_line_input_error(lambda: pipe("bottle", num_inference_steps=1001))
+    assert "num_inference_steps" in message and "1000" in message
+
+
+def test_scheduler_value_errors_become_input_errors(pipe):
+    from sia.scheduler import SDASScheduler
+
+    odd = SDASPipeline(unet=pipe.unet, scheduler=SDASScheduler(timestep_spacing="bogus"), categories=CATEGORIES)
+    odd.set_progress_bar_config(disable=True)
+    assert "num_inference_steps" in _one_line_input_error(lambda: odd("bottle", num_inference_steps=2))
+
+
+def test_pil_output_rounds_to_the_nearest_level(pipe):
+    kwargs = dict(category="screw", num_images=1, strength=0.1, num_inference_steps=2)
+    floats = pipe(generator=torch.Generator().manual_seed(2), output_type="np", **kwargs).images[0]
+    pil = np.asarray(pipe(generator=torch.Generator().manual_seed(2), **kwargs).images[0])
+    np.testing.assert_array_equal(pil, np.round(floats * 255).astype(np.uint8))

@@ -132,3 +132,64 @@ def test_config_round_trip_and_sampler_switch(tmp_path):
     assert isinstance(ddim, SDASDDIMScheduler) and ddim.config.beta_end == 0.03
     with pytest.raises(InputError, match="ddpm"):
         make_scheduler("euler")
+
+
+def _spec_respaced_schedule(steps: int = 20):
+    """Spec §1.2 from scratch in float64: linear betas, keep abar at {0, 50, ..., 950}, re-derive betas."""
+    import numpy as np
+
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    kept = list(range(0, 1000, 1000 // steps))
+    abar_kept = abar[kept]
+    abar_prev = np.concatenate([[1.0], abar_kept[:-1]])
+    return kept, abar_kept, abar_prev, 1.0 - abar_kept / abar_prev
+
+
+def test_respaced_twenty_step_schedule_matches_the_spec_values():
+    kept, abar_kept, abar_prev, betas = _spec_respaced_schedule()
+    assert kept[::-1] == list(range(950, -1, -50))
+    assert betas[0] == pytest.approx(1e-4, rel=1e-9)
+    assert betas[1] == pytest.approx(0.02995, abs=5e-6)
+    assert betas[19] == pytest.approx(0.6076, abs=5e-5)
+    assert abar_kept[19] == pytest.approx(1.06e-4, abs=5e-7)
+
+    scheduler = SDASScheduler()
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps.tolist() == kept[::-1]
+    ones = torch.ones(1, 1, 1, 1)
+    for k, t in enumerate(kept):
+        # v = +1 selects log(beta'_k) of the respaced step the sampler takes from t. The diffusers
+        # tables are float32 (1 - abar_0 loses ~2e-4 relative), the official ones float64.
+        assert math.exp(scheduler.log_variance(t, ones).item()) == pytest.approx(betas[k], rel=3e-4), t
+        if k > 0:  # v = -1: the respaced posterior variance beta'_k (1 - abar'_{k-1}) / (1 - abar'_k)
+            posterior = betas[k] * (1 - abar_prev[k]) / (1 - abar_kept[k])
+            assert math.exp(scheduler.log_variance(t, -ones).item()) == pytest.approx(posterior, rel=3e-4), t
+    assert scheduler.alphas_cumprod[950].item() == pytest.approx(abar_kept[19], rel=1e-4)
+
+    # The sampler's own noise at t = 950 with v = +1 has std sqrt(beta'_19) (x (1 + s) for s > 0).
+    sample = torch.zeros(1, 3, 4, 4)
+    output = torch.cat([torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)], dim=1)
+    a = scheduler.step(output, 950, sample, generator=torch.Generator().manual_seed(0), anomaly_strength=0.2).prev_sample
+    b = scheduler.step(output, 950, sample, generator=torch.Generator().manual_seed(1), anomaly_strength=0.2).prev_sample
+    za = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    zb = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a - b, math.sqrt(1.2 * betas[19]) * (za - zb), rtol=1e-4, atol=1e-6)
+
+
+def test_ddim_log_variance_matches_an_independent_formula():
+    """IDDPM learned range on the DDIM step t -> t - 50: frac log(beta') + (1 - frac) log(beta~'), frac = (v + 1) / 2."""
+    import numpy as np
+
+    kept, abar_kept, abar_prev, betas = _spec_respaced_schedule()
+    scheduler = SDASDDIMScheduler()
+    scheduler.set_timesteps(20)
+    v = torch.linspace(-1.3, 1.3, 12, dtype=torch.float64).reshape(1, 3, 2, 2)  # v is not clamped
+    frac = (v.numpy() + 1) / 2
+    for k in range(1, 20):  # t = 0 adds no noise, so its (clipped) variance is never used
+        posterior = betas[k] * (1 - abar_prev[k]) / (1 - abar_kept[k])
+        expected = frac * np.log(betas[k]) + (1 - frac) * np.log(posterior)
+        got = scheduler.log_variance(kept[k], v.float()).double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=3e-4, err_msg=str(kept[k]))  # 3e-4 relative in the variance
+    batched = scheduler.log_variance(torch.tensor([950, 500, 50]), v.float().expand(3, 3, 2, 2))
+    for row, t in enumerate((950, 500, 50)):
+        torch.testing.assert_close(batched[row], scheduler.log_variance(t, v.float())[0])
