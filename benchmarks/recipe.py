@@ -38,7 +38,7 @@ RUNS = OUT / "recipe_runs"
 
 DATASETS = {
     # name: (root, dataset layout, category, foreground preset)
-    "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", None, "mvtec-ad/hazelnut"),
+    "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", None, "hazelnut-toy"),  # light nuts on a yellow card
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", None, "none"),
 }
 BACKBONE = "tf_efficientnet_lite0"

@@ -26,12 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import sia
-from sia.foreground import ForegroundConfig
 from sia.images import list_images, load_image_tensor
 from sia.synthesizer import AnomalySynthesizer
 
 HAZELNUTS = Path(sia.__file__).resolve().parent / "assets" / "hazelnut"
-NUT_FOREGROUND = ForegroundConfig(method="auto", channel="blue", closing=12, opening=6, name="hazelnut-toy")
 
 
 class SiaAugmenter:
@@ -41,7 +39,7 @@ class SiaAugmenter:
     unchanged with an empty mask. Randomness comes from one seeded generator.
     """
 
-    def __init__(self, source: str = "cutpaste", category=NUT_FOREGROUND, probability: float = 0.5,
+    def __init__(self, source: str = "cutpaste", category="hazelnut-toy", probability: float = 0.5,
                  opacity=(0.1, 1.0), seed: int = 0) -> None:
         # DRAEM blends with beta ~ U(0.1, 1.0); RealNet's SIA default would be (0.5, 1.0).
         self.synthesizer = AnomalySynthesizer(source, category=category, opacity=opacity, require_nonempty=True)

@@ -24,13 +24,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import sia
-from sia.foreground import ForegroundConfig
 from sia.images import list_images, load_image_tensor, load_mask
 from sia.synthesizer import AnomalySynthesizer, SyntheticAnomalyDataset
 
 HAZELNUTS = Path(sia.__file__).resolve().parent / "assets" / "hazelnut"
-# The nut is light and the card yellow: Otsu on the blue channel separates them (polarity from the border).
-NUT_FOREGROUND = ForegroundConfig(method="auto", channel="blue", closing=12, opening=6, name="hazelnut-toy")
 
 
 class NormalImages(Dataset):
@@ -73,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
-    synthesizer = AnomalySynthesizer(args.source, category=NUT_FOREGROUND, require_nonempty=True)
+    synthesizer = AnomalySynthesizer(args.source, category="hazelnut-toy", require_nonempty=True)
     train_set = SyntheticAnomalyDataset(NormalImages(HAZELNUTS / "train" / "good", args.size), synthesizer,
                                         probability=0.5, seed=args.seed)
     model = TinySegmenter()

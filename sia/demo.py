@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .foreground import ForegroundConfig
+from .foreground import EXTRA_PRESETS
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "hazelnut"
 DEMO_CATEGORY = "hazelnut"
@@ -41,10 +41,7 @@ SUMMARY_FILE = "summary.json"
 DEMO_OUTPUTS = ("sdas", "sia", "realnet", "evaluation", "strength_sweep.png", "synthetic_anomalies.png",
                 "heatmaps.png", SUMMARY_FILE)
 
-# The hazelnuts lie on a yellow card. Yellow is dark in the blue channel and the nut is light, so an
-# Otsu split of the blue channel (polarity chosen by the image border, holes closed) finds the nut;
-# the gray-level `auto` and MVTec's `hazelnut` recipe (a dark background) select the card instead.
-HAZELNUT_FOREGROUND = ForegroundConfig(method="auto", channel="blue", closing=12, opening=6, name="hazelnut-toy")
+HAZELNUT_FOREGROUND = EXTRA_PRESETS["hazelnut-toy"]  # nuts on a yellow card: see sia.foreground
 
 
 @dataclass(frozen=True)

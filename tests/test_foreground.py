@@ -252,3 +252,13 @@ def test_footprints_scale_with_image_size():
     assert scaled_footprint(6, 128, 128) == 3
     assert scaled_footprint(3, 32, 32) == 1
     assert scaled_footprint(0, 512, 512) == 0
+
+
+def test_hazelnut_toy_preset_finds_a_light_nut_on_a_yellow_card():
+    """The bundled demo photos: MVTec's `hazelnut` recipe picks the card, `hazelnut-toy` the nut."""
+    image, truth = object_image(object_rgb=(190, 160, 120), background_rgb=(235, 215, 60))  # card brighter in gray
+    assert iou(foreground_mask(image, "hazelnut-toy"), truth) > 0.9
+    assert iou(foreground_mask(image, "hazelnut"), truth) < 0.5
+    assert foreground_config("Hazelnut-Toy").name == "hazelnut-toy"
+    with pytest.raises(InputError, match="hazelnut-toy"):
+        foreground_config("hazlenut-toy")
