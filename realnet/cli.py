@@ -78,12 +78,14 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write one overlay PNG per test image (needs --out).")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
 ) -> None:
     """Evaluate on a test split: image AUROC, pixel AUROC and PRO (FPR <= 0.3) per category."""
     from .evaluation import evaluate, format_table
 
     results = evaluate(model, data, dataset=dataset, categories=list(category or []) or [None], out=out,
-                       batch_size=batch_size, overlays=overlays, device=device or _default_device())
+                       batch_size=batch_size, overlays=overlays, device=device or _default_device(),
+                       overwrite=overwrite)
     typer.echo(format_table(results))
     if out is not None:
         typer.echo(f"metrics written to {out / 'metrics.json'}")
@@ -100,12 +102,14 @@ def predict_command(
     pixel_threshold: Annotated[Optional[float], typer.Option(help="Pixel score at or above which a pixel is anomalous in masks/ (default: the model's calibrated value).")] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write a heat-map overlay PNG per image.")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
 ) -> None:
     """Score images: anomaly score, map (.npy + 16-bit PNG), binary mask and overlay per image."""
     from .predict import predict
 
     results = predict(model, images, out, batch_size=batch_size, image_threshold=image_threshold,
-                      pixel_threshold=pixel_threshold, overlays=overlays, device=device or _default_device())
+                      pixel_threshold=pixel_threshold, overlays=overlays, device=device or _default_device(),
+                      overwrite=overwrite)
     flagged = sum(1 for r in results if r.is_anomalous)
     typer.echo(f"{len(results)} images scored, {flagged} flagged anomalous; results in {out / 'scores.csv'}")
 

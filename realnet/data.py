@@ -5,7 +5,7 @@ An item is ``{"image": (3,H,W) float in [0,1], "mask": (1,H,W) float in {0,1}, "
 nearest neighbour to ``image_size`` without cropping (the official code also evaluates at 256x256
 without a centre crop); masks are binarised with ``> 0`` (VisA masks hold class ids, KolektorSDD
 masks hold 255 and sometimes other non-zero values). A mask whose size differs from its image's is
-simply resized to ``image_size`` like the image.
+an InputError naming both files: it most likely belongs to another image.
 
 Supported layouts (``dataset=``):
 
@@ -123,12 +123,21 @@ class AnomalyDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         pil = load_image(record.image_path)
-        size = self.image_size or (pil.height, pil.width)
-        if (pil.height, pil.width) != size:
+        original = (pil.height, pil.width)
+        size = self.image_size or original
+        if original != size:
             pil = pil.resize((size[1], size[0]), Image.BILINEAR)
         image = pil_to_tensor(pil)
         if record.mask_path is not None:
-            mask = load_mask(record.mask_path, size)
+            mask = load_mask(record.mask_path)
+            if tuple(mask.shape[-2:]) != original:
+                raise InputError(
+                    f"{record.mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but its image "
+                    f"{record.image_path} is {original[1]}x{original[0]} (width x height); masks must match their image"
+                )
+            if original != size:  # PIL's NEAREST, as the official loader
+                binary = Image.fromarray(mask[0].numpy().astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+                mask = torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]
             if record.label == 0:
                 mask.zero_()  # a normal image has no anomalous pixel, whatever a stray mask file says
         elif record.label == 1:

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from sia.errors import InputError
 from sia.images import IMAGE_EXTENSIONS, list_images, load_image, pil_to_tensor
 
-from .evaluation import _model_size, load_model, load_thresholds
+from .evaluation import _model_size, check_batch_size, check_out_folder, load_model, load_thresholds, remove_previous_results
 
 SCORES_CSV = "scores.csv"
 SCORES_JSONL = "scores.jsonl"
+PREDICT_OUTPUTS = (SCORES_CSV, SCORES_JSONL, "maps", "masks", "overlays")
 
 
 @dataclass
@@ -89,14 +90,18 @@ def predict(
     overlays: bool = True,
     device: Optional[str] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Prediction]:
     """Score every image and write ``scores.csv``, ``scores.jsonl``, ``maps/``, ``masks/``, ``overlays/``.
 
     Thresholds default to the model's stored normal-only ones; with neither, no decision or mask is
-    written (scores and maps still are).
+    written (scores and maps still are). A non-empty ``out`` needs ``overwrite``, which first deletes
+    the results of the earlier run.
     """
     from .visualize import overlay as make_overlay
 
+    check_batch_size(batch_size)
+    folder = check_out_folder(out, overwrite)
     images = collect_images(inputs)
     stored = load_thresholds(model) or {}
     image_threshold = stored.get("image_threshold") if image_threshold is None else image_threshold
@@ -104,9 +109,7 @@ def predict(
     net = load_model(model, device=device)
     height, width = _model_size(net)
     net_device = next(net.parameters()).device
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {folder}: exists and is not a folder")
+    remove_previous_results(folder, PREDICT_OUTPUTS)
     for sub in ("maps", "masks", "overlays"):
         if sub == "masks" and pixel_threshold is None or sub == "overlays" and not overlays:
             continue

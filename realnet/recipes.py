@@ -53,6 +53,7 @@ class Recipe:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.optimizer not in ("adam", "adamw"):
             raise InputError(f"recipe {self.name}: optimizer {self.optimizer!r}; expected adam or adamw")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -71,6 +72,29 @@ class Recipe:
             raise InputError(f"recipe {self.name}: rrs_bn_momentum must lie in (0, 1] or be None, got {self.rrs_bn_momentum}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InputError(f"recipe {self.name}: ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
+
+    def _check_types(self) -> None:
+        """Values from ``--recipe-option`` are JSON of any type: a wrong one is an InputError, not a
+        TypeError in the range checks below. Ints are accepted for floats; betas become a tuple."""
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name, "str")
+            if kind == "float" and number(value) or kind == "bool" and isinstance(value, bool):
+                continue
+            if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if kind == "float?" and (value is None or number(value)):
+                continue
+            if kind == "str" and isinstance(value, str):
+                continue
+            if kind == "pair" and isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value)):
+                object.__setattr__(self, f.name, (float(value[0]), float(value[1])))
+                continue
+            expected = {"float": "a number", "float?": "a number or null", "int": "an integer", "bool": "true or false",
+                        "str": "a string", "pair": "two numbers, e.g. [0.9,0.999]"}[kind]
+            raise InputError(f"recipe {self.name}: {f.name} must be {expected}, got {value!r}")
 
     def replace(self, **changes) -> "Recipe":
         """A copy with some fields changed (unknown field names are an InputError)."""
@@ -97,6 +121,15 @@ class Recipe:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
+
+# The type of every field, checked by Recipe._check_types ("float?" = a number or None).
+_FIELD_KINDS: dict[str, str] = {
+    "learning_rate": "float", "discriminator_lr_scale": "float", "weight_decay": "float", "betas": "pair",
+    "warmup_fraction": "float", "min_lr_ratio": "float", "grad_clip_norm": "float?", "ema_decay": "float?",
+    "standardize_features": "bool", "rrs_bn_momentum": "float?", "focal_gamma": "float", "segmentation_weight": "float",
+    "reconstruction_weight": "float", "anomaly_probability": "float", "balanced_batches": "bool",
+    "nonempty_masks": "bool", "batch_size": "int",
+}
 
 PAPER = Recipe(
     name="paper",
@@ -155,10 +188,9 @@ def get_recipe(name: "str | Recipe") -> Recipe:
     key = str(name).strip().lower()
     if key in RECIPES:
         return RECIPES[key]
-    if key.startswith("fast-no-"):
-        change = key[len("fast-no-"):].replace("-", "_")
-        if change in FAST_CHANGES:
-            return ablations()[key]
+    variants = ablations()  # only the changes fast really makes (e.g. no fast-no-loss-weights)
+    if key in variants:
+        return variants[key]
     raise InputError(f"unknown recipe {name!r}; known: {', '.join(known_recipes())}")
 
 

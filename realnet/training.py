@@ -12,7 +12,15 @@ Differences from the official loop, on purpose:
   to the weights (``thresholds.json``), so ``realnet predict`` can output masks without ground truth;
 - runs resume after a kill (``resume=True``) from the latest ``checkpoints/`` state, with the same
   data order and anomalies as an uninterrupted run;
-- AFS runs on one process and DDP broadcasts the chosen indices, so multi-GPU runs agree (§11.19).
+- every process fits the feature statistics and runs AFS on the same seeded data, then the main
+  process's statistics and indices are broadcast to the others, so all processes train the same
+  network (§11.19);
+- the model card (``README.md``) states the licence inherited from the training images.
+
+Several processes (``accelerate launch --num_processes N``): each process takes every N-th batch,
+so an *epoch* (one pass over the training images) is ``len(loader)`` steps per process, an
+*iteration* is one optimiser step (the same count on every process) and the batch size is per
+process. A run resumes only with the number of processes it was started with.
 
 Output folder: ``model/`` (``RealNet.save_pretrained`` + ``thresholds.json``), ``config.json`` (the
 run's settings and status), ``train_log.jsonl`` (losses and validation), ``checkpoints/``.
@@ -21,8 +29,8 @@ run's settings and status), ``train_log.jsonl`` (losses and validation), ``check
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -33,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
@@ -186,13 +193,33 @@ class TrainingProgress:
         self.best_iteration = int(state["best_iteration"])
 
 
+def changing_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that training changes: trainable parameters and the running statistics of
+    norm layers that are not frozen (the RRS ranking BatchNorm, for instance).
+
+    The frozen backbone, the AFS indices and the feature statistics never change after AFS, so
+    averaging them would only cost memory and time.
+    """
+    keys = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._NormBase) or not module.track_running_stats:
+            continue
+        own = list(module.parameters(recurse=False))
+        frozen = (own and not any(p.requires_grad for p in own)) or name == "backbone" or name.startswith("backbone.")
+        if not frozen:
+            keys.update(f"{name}.{b}" for b in ("running_mean", "running_var") if getattr(module, b) is not None)
+    return keys
+
+
 class ExponentialMovingAverage:
-    """EMA of a model's floating-point parameters and buffers (the weights that get saved)."""
+    """EMA of the weights that training changes (see :func:`changing_state_keys`); the averaged
+    weights are the ones that get saved."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
         self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        keys = changing_state_keys(model)
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys and v.dtype.is_floating_point}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -218,8 +245,11 @@ class ExponentialMovingAverage:
     def load_state_dict(self, state: dict) -> None:
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
-        for key, value in state["shadow"].items():
-            self.shadow[key].copy_(value)
+        missing = sorted(set(self.shadow) - set(state["shadow"]))
+        if missing:
+            raise InputError(f"checkpoint EMA state: lacks {', '.join(missing[:3])}; it belongs to another model")
+        for key in self.shadow:
+            self.shadow[key].copy_(state["shadow"][key])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,11 +349,13 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
             raise InputError(f"--data {config.data}: no categories found for dataset {config.dataset}")
     out = []
     for index, category in enumerate(names):
-        split = load_split(config.data, dataset=config.dataset, category=category, split="train", image_size=size)
-        if len(split) == 0:
-            raise InputError(f"--data {config.data}: category {category!r} has no training images")
+        # Masks are not needed for training; defective images under train/ are skipped below.
+        split = load_split(config.data, dataset=config.dataset, category=category, split="train", image_size=size,
+                           allow_missing_masks=True)
+        indices = [i for i, label in enumerate(split.labels) if label == 0]
+        if not indices:
+            raise InputError(f"--data {config.data}: category {category!r} has no normal training images")
         category = category or Path(config.data).resolve().name
-        indices = list(range(len(split)))
         if config.max_train_images is not None:
             indices = indices[: config.max_train_images]
         train_idx, holdout_idx = split_holdout(len(indices), config.validation_fraction, config.seed + index)
@@ -435,7 +467,24 @@ def build_model(config: TrainingConfig, recipe: Recipe):
     if config.backbone_weights is not None:
         kwargs["backbone_weights"] = str(config.backbone_weights)
     kwargs.setdefault("image_size", config.image_size)
-    return RealNet(**kwargs)
+    _check_model_kwargs(kwargs)
+    try:
+        return RealNet(**kwargs)
+    except InputError:
+        raise
+    except (TypeError, ValueError) as err:  # e.g. layers=3: a wrong type deep inside timm/torch
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"--model-option: bad value ({first})") from None
+
+
+def _check_model_kwargs(kwargs: dict) -> None:
+    """Unknown ``--model-option`` keys are an InputError listing the RealNet settings."""
+    from .model import RealNet
+
+    known = set(inspect.signature(RealNet.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise InputError(f"--model-option {', '.join(unknown)}: unknown RealNet setting; known: {', '.join(sorted(known))}")
 
 
 def _trainable_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
@@ -600,11 +649,15 @@ def total_iterations(config: TrainingConfig, recipe: Recipe, batches_per_epoch: 
     return epochs * batches_per_epoch
 
 
-def _validate_config(config: TrainingConfig, recipe: Recipe) -> None:
+def _validate_config(config: TrainingConfig) -> None:
+    if config.batch_size is not None and config.batch_size < 1:
+        raise InputError(f"--batch-size: expected a positive number, got {config.batch_size}")
     if config.select not in ("last", "best"):
         raise InputError(f"--select: expected 'last' or 'best', got {config.select!r}")
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         raise InputError(f"--mixed-precision: expected no, fp16 or bf16, got {config.mixed_precision!r}")
+    if config.mixed_precision == "fp16" and config.cpu:
+        raise InputError("--mixed-precision fp16: needs a GPU; use bf16 or no with --cpu")
     if config.afs_batches < 1:
         raise InputError(f"--afs-batches: expected a positive number, got {config.afs_batches}")
     if config.image_size < 32 or config.image_size % 32:
@@ -613,6 +666,18 @@ def _validate_config(config: TrainingConfig, recipe: Recipe) -> None:
         raise InputError(f"--threshold-fpr: expected a value in (0, 1), got {config.threshold_fpr}")
     if not Path(config.data).is_dir():
         raise InputError(f"--data {config.data}: no such folder")
+    _check_model_kwargs(config.model_kwargs)
+
+
+def _resolve_recipe(config: TrainingConfig) -> Recipe:
+    """The run's recipe with its overrides, checked (bad names and values are InputErrors)."""
+    _validate_config(config)
+    recipe = get_recipe(config.recipe)
+    if config.recipe_overrides:
+        recipe = recipe.replace(**config.recipe_overrides)
+    if config.batch_size is not None:
+        recipe = recipe.replace(batch_size=int(config.batch_size))
+    return recipe
 
 
 def train(
@@ -628,17 +693,16 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if not config.resume:
+        _resolve_recipe(config)  # bad settings fail before --overwrite deletes anything
     config = _prepare_output(config)
-    recipe = get_recipe(config.recipe)
-    if config.recipe_overrides:
-        recipe = recipe.replace(**config.recipe_overrides)
-    if config.batch_size is not None:
-        recipe = recipe.replace(batch_size=int(config.batch_size))
-    _validate_config(config, recipe)
+    recipe = _resolve_recipe(config)
     output = Path(config.output)
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     set_seed(config.seed)
+    if config.resume:
+        _check_same_processes(output, accelerator.num_processes)
 
     categories = load_category_data(config, recipe)
     if sum(len(c.train) for c in categories) == 0:
@@ -651,7 +715,11 @@ def train(
     else:
         batch_sampler = EpochBatchSampler(len(dataset), recipe.batch_size, config.seed)
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers, collate_fn=_collate)
-    total = total_iterations(config, recipe, len(batch_sampler))
+    # Sharded first: with N processes each one gets every N-th batch, so this process's epoch is
+    # len(loader) steps, not len(batch_sampler).
+    loader = accelerator.prepare(loader)
+    batches_per_epoch = len(loader)
+    total = total_iterations(config, recipe, batches_per_epoch)
     validation = _validation_set(categories, config.seed)
     if config.select == "best" and validation is None:
         raise InputError("--select best: needs held-out training images (raise --validation-fraction or use --select last)")
@@ -661,7 +729,7 @@ def train(
         output.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             (output / TRAIN_LOG).unlink(missing_ok=True)
-        _atomic_write_json(output / RUN_CONFIG, _run_record(config, recipe, "running", total))
+        _atomic_write_json(output / RUN_CONFIG, _run_record(config, recipe, "running", total, accelerator.num_processes))
     accelerator.wait_for_everyone()
 
     model.to(accelerator.device)
@@ -671,7 +739,7 @@ def train(
     optimizer = _make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: recipe.learning_rate_factor(it, total))
     # The scheduler stays unprepared: Accelerate would step it once per process and iteration.
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(progress, scheduler)
     unwrapped = accelerator.unwrap_model(model)
@@ -681,11 +749,13 @@ def train(
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at iteration {progress.iteration}")
+        if accelerator.is_main_process:
+            _trim_log(output / TRAIN_LOG, progress.iteration)
+        accelerator.wait_for_everyone()
 
     cache = CleanFeatureCache(int(config.feature_cache_mb * 2**20)) if config.feature_cache_mb > 0 else None
     best_dir = output / "best"
     log_path = output / TRAIN_LOG
-    batches_per_epoch = len(batch_sampler)
     bar = tqdm(total=total, initial=progress.iteration, desc="train", disable=not (config.progress and accelerator.is_main_process))
     started = time.perf_counter()
     model.train()
@@ -696,6 +766,7 @@ def train(
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         epoch_loader.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
+        start_iteration = progress.iteration
         for batch in epoch_loader:
             losses = _training_step(model, batch, optimizer, scheduler, recipe, accelerator, cache)
             if ema is not None:
@@ -727,6 +798,8 @@ def train(
                 _save_checkpoint(accelerator, output, it)
             if it >= total:
                 break
+        if progress.iteration == start_iteration:
+            raise RuntimeError(f"epoch {epoch}: the data loader yielded no batch (skip {skip} of {batches_per_epoch})")
     bar.close()
     accelerator.wait_for_everyone()
 
@@ -739,9 +812,11 @@ def train(
                 final = unwrapped
             _save_model_atomically(final, model_dir)
             thresholds = _calibrate(final, categories, config, recipe)
-            thresholds["selected"] = {"rule": config.select, "iteration": progress.best_iteration if config.select == "best" else progress.iteration}
+            selected = progress.best_iteration if config.select == "best" else progress.iteration
+            thresholds["selected"] = {"rule": config.select, "iteration": selected}
             _atomic_write_json(model_dir / THRESHOLDS_FILE, thresholds)
-        _atomic_write_json(output / RUN_CONFIG, _run_record(config, recipe, "finished", total))
+            _write_card(model_dir, final, config, recipe, categories, selected, progress, accelerator.num_processes)
+        _atomic_write_json(output / RUN_CONFIG, _run_record(config, recipe, "finished", total, accelerator.num_processes))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
@@ -773,14 +848,67 @@ def _calibrate(model: nn.Module, categories: list[CategoryData], config: Trainin
     return calibrate_thresholds(model, torch.stack(holdout), config.threshold_fpr, recipe.batch_size, what)
 
 
-def _run_record(config: TrainingConfig, recipe: Recipe, status: str, total: int) -> dict:
-    return {"status": status, "total_iterations": total, "training": config.to_dict(), "recipe": recipe.to_dict()}
+def _run_record(config: TrainingConfig, recipe: Recipe, status: str, total: int, num_processes: int = 1) -> dict:
+    return {"status": status, "total_iterations": total, "num_processes": num_processes,
+            "training": config.to_dict(), "recipe": recipe.to_dict()}
 
 
-def _batches(dataset: Dataset, batch_size: int, seed: int, limit: Optional[int] = None) -> Iterator[dict]:
-    """Shuffled, collated batches of a dataset; ``limit`` batches in all (wrapping around)."""
+def _check_same_processes(output: Path, num_processes: int) -> None:
+    """A checkpoint's iteration counts and data shards only make sense with the same process count."""
+    stored = json.loads((output / RUN_CONFIG).read_text()).get("num_processes", 1)
+    if int(stored) != num_processes:
+        raise InputError(f"--resume: the run in {output} was started with {stored} process(es), now {num_processes}; "
+                         "launch it with the same number")
+
+
+def _trim_log(path: Path, iteration: int) -> None:
+    """Drop log records written after the checkpoint being resumed (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _write_card(model_dir: Path, model: nn.Module, config: TrainingConfig, recipe: Recipe,
+                categories: list[CategoryData], selected: int, progress: TrainingProgress, num_processes: int) -> None:
+    """Model card with the licence of the training images (the mixin's default says MIT)."""
+    from sia.cards import SOURCE_DATASETS, write_model_card
+    from sia.categories import DATASET_ALIASES
+
+    dataset = DATASET_ALIASES.get(config.dataset.strip().lower())
+    names = [c.name for c in categories]
+    training = {
+        "recipe": recipe.name, "iterations": progress.iteration, "saved weights": f"{config.select} (iteration {selected})",
+        "batch size per process": recipe.batch_size, "processes": num_processes, "image size": config.image_size,
+        "anomaly source": config.source, "AFS batches": config.afs_batches, "seed": config.seed,
+        "training images": sum(len(c.train) for c in categories),
+        "held-out normal images": sum(len(c.holdout) for c in categories),
+    }
+    if config.select == "best" and math.isfinite(progress.best_score):
+        training["validation score (held-out normal images + synthetic anomalies)"] = progress.best_score
+    facts: dict[str, Any] = {
+        "dataset": dataset if dataset in SOURCE_DATASETS else None,
+        "category": names[0] if len(names) == 1 else ", ".join(names),
+        "backbone": getattr(getattr(model, "backbone", None), "name", None) or config.backbone or "wide_resnet50_2",
+        "image_size": config.image_size, "training": training,
+        "source": f"trained with `realnet train` on the normal training images of {', '.join(names)}",
+    }
+    write_model_card(model_dir, "realnet", **facts)
+
+
+def _batches(dataset: Dataset, batch_size: int, seed: int, limit: Optional[int] = None,
+             parts: Sequence[Any] = ()) -> Iterator[dict]:
+    """Shuffled, collated batches of a dataset; ``limit`` batches in all (wrapping around).
+
+    Each wrap is a new epoch: the order changes and so do the synthetic anomalies of ``parts``
+    (the datasets whose ``set_epoch`` draws fresh ones).
+    """
     produced, epoch = 0, 0
     while True:
+        for part in parts:
+            part.set_epoch(epoch)
         for indices in EpochBatchSampler(len(dataset), batch_size, seed + epoch):
             if limit is not None and produced >= limit:
                 return
@@ -801,9 +929,26 @@ def _fit_statistics_and_select(model, categories: list[CategoryData], recipe: Re
     anomalous, parts, _ = build_training_dataset(categories, recipe, config.seed + 31, probability=1.0)
     afs_batches = (
         {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        for batch in _batches(anomalous, recipe.batch_size, config.seed + 31, limit=config.afs_batches)
+        for batch in _batches(anomalous, recipe.batch_size, config.seed + 31, limit=config.afs_batches, parts=parts)
     )
     model.select_features(afs_batches, num_batches=config.afs_batches, progress=config.progress and accelerator.is_main_process)
+    _broadcast_fitted_buffers(model, accelerator)
+
+
+def _broadcast_fitted_buffers(model: nn.Module, accelerator) -> None:
+    """Make every process use the main process's feature statistics and AFS indices.
+
+    All processes compute them from the same seeded data, but floating-point reductions may differ
+    between devices; one tie broken differently would give the processes different networks.
+    """
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+
+    state = model.state_dict()  # tensors share the buffers' storage: broadcast fills them in place
+    for name in sorted(state):
+        if name.startswith(("selector.indices_", "standardizer.mean_", "standardizer.std_")):
+            dist.broadcast(state[name], src=0)
 
 
 def _training_step(model, batch: dict, optimizer, scheduler, recipe: Recipe, accelerator, cache: Optional[CleanFeatureCache] = None) -> dict:

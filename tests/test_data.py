@@ -200,8 +200,21 @@ def test_missing_mask_is_an_error_unless_allowed(tmp_path):
     assert item["mask"].sum() == SIZE * SIZE
 
 
-def test_mask_of_another_size_is_resized(tmp_path):
+def test_mask_of_another_size_than_its_image_is_an_error(tmp_path):
     make_mvtec(tmp_path)
+    mask = write_mask(tmp_path / "bottle" / "ground_truth" / "broken" / "000_mask.png", box=(4, 12, 6, 18), size=(32, 24))
+    dataset = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=SIZE)
+    index = next(i for i, r in enumerate(dataset.records) if r.image_path.name == "000.png" and r.label == 1)
+    with pytest.raises(InputError) as info:
+        dataset[index]
+    message = str(info.value)
+    assert "\n" not in message and str(mask) in message and str(dataset.records[index].image_path) in message
+    assert "24x32" in message and f"{SIZE}x{SIZE}" in message
+
+
+def test_mask_of_the_image_size_is_resized_with_the_image(tmp_path):
+    make_mvtec(tmp_path)
+    write_image(tmp_path / "bottle" / "test" / "broken" / "000.png", 200, size=(32, 32))
     write_mask(tmp_path / "bottle" / "ground_truth" / "broken" / "000_mask.png", box=(4, 12, 6, 18), size=(32, 32))
     dataset = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=SIZE)
     item = next(dataset[i] for i in range(4) if dataset[i]["path"].endswith("broken/000.png"))

@@ -113,7 +113,17 @@ def test_predict_writes_scores_maps_masks_and_overlays(trained, tmp_path):
           "--model-option", "afs_channels=[8,999]"], "afs_channels"),
         (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
           "--recipe-option", "oops"], "KEY=VALUE"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--model-option", "no_such_setting=1"], "--model-option no_such_setting: unknown"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--recipe-option", 'learning_rate="fast"'], "learning_rate must be a number"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--batch-size", "0"], "--batch-size"),
+        (["train", "--data", "DATA", "--category", "widget", "--source", "cutpaste", "--output", "OUT",
+          "--mixed-precision", "fp16"], "--mixed-precision fp16"),
         (["eval", "--model", "/no/such/model", "--data", "DATA"], "--model"),
+        (["eval", "--model", "MODEL", "--data", "DATA", "--category", "widget", "--batch-size", "0"], "--batch-size"),
+        (["predict", "DATA", "--model", "MODEL", "--out", "OUT", "--batch-size", "-1"], "--batch-size"),
         (["eval", "--model", "MODEL", "--data", "DATA", "--category", "nope"], "no such category"),
         (["predict", "/no/such/image.png", "--model", "MODEL", "--out", "OUT"], "no such image"),
     ],
@@ -137,3 +147,29 @@ def test_eval_rejects_masks_of_missing_files(trained, tmp_path):
     next((broken / "widget" / "ground_truth" / "blob").glob("*.png")).unlink()
     result = runner.invoke(app, ["eval", "--model", str(output), "--data", str(broken), "--category", "widget"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "no ground-truth mask" in result.output and "blob" in result.output
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_a_second_run_into_the_same_out_needs_overwrite_and_leaves_no_stale_file(trained, tmp_path, command):
+    root, output = trained
+    out = tmp_path / "out"
+    if command == "eval":
+        args = ["eval", "--model", str(output), "--data", str(root), "--category", "widget", "--out", str(out)]
+        stale, result_file = out / "overlays" / "widget" / "from_an_earlier_run.png", out / "metrics.json"
+    else:
+        args = ["predict", str(root / "widget" / "test"), "--model", str(output), "--out", str(out)]
+        stale, result_file = out / "maps" / "from_an_earlier_run.npy", out / "scores.csv"
+    assert runner.invoke(app, [*args, "--device", "cpu"]).exit_code == 0
+    stale.write_bytes(b"old")
+    keep = out / "notes.txt"  # not a result: --overwrite must leave it alone
+    keep.write_text("mine")
+    first = result_file.read_bytes()
+
+    again = runner.invoke(app, [*args, "--device", "cpu"])
+    assert again.exit_code == 2 and "--overwrite" in again.output and len(again.output.strip().splitlines()) == 1
+    assert stale.is_file() and result_file.read_bytes() == first
+
+    replaced = runner.invoke(app, [*args, "--device", "cpu", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert not stale.exists() and result_file.is_file() and keep.read_text() == "mine"

@@ -22,6 +22,28 @@ def test_unknown_recipe_is_one_line_error_listing_known_ones():
     assert "'turbo'" in message and "paper" in message and "fast" in message
 
 
+def test_every_fast_change_name_is_a_recipe_or_a_one_line_error():
+    """A change listed in FAST_CHANGES but equal in both recipes (loss_weights) has no ablation."""
+    variants = ablations()
+    for change in FAST_CHANGES:
+        name = "fast-no-" + change.replace("_", "-")
+        if name in variants:
+            assert get_recipe(name) == variants[name]
+            continue
+        with pytest.raises(InputError) as info:
+            get_recipe(name)
+        assert "\n" not in str(info.value) and name in str(info.value) and "fast-no-ema" in str(info.value)
+    assert "fast-no-loss-weights" not in variants  # the fast recipe keeps the paper's loss weights
+
+
+def test_recipe_values_of_the_wrong_type_are_input_errors():
+    for field, value in [("learning_rate", "fast"), ("ema_decay", "x"), ("batch_size", 2.5), ("betas", [0.9]),
+                         ("balanced_batches", "yes"), ("grad_clip_norm", [1])]:
+        with pytest.raises(InputError, match=field):
+            FAST.replace(**{field: value})
+    assert FAST.replace(betas=[0.5, 0.9]).betas == (0.5, 0.9) and FAST.replace(learning_rate=1).learning_rate == 1
+
+
 def test_paper_recipe_has_the_official_settings():
     paper = get_recipe("paper")
     assert (paper.optimizer, paper.learning_rate, paper.lr_schedule, paper.weight_decay) == ("adam", 1e-4, "constant", 0.0)

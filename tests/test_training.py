@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from realnet import data as realnet_data
 from realnet.evaluation import evaluate
 from realnet.model import RealNet
-from realnet.training import TrainingConfig, split_holdout, train
+from realnet import training as realnet_training
+from realnet.recipes import get_recipe
+from realnet.training import ExponentialMovingAverage, TrainingConfig, load_category_data, split_holdout, train
 from sia.errors import InputError
 
 TINY_MODEL = dict(
@@ -113,6 +115,10 @@ def test_both_recipes_train_end_to_end(data_root, tmp_path, recipe):
     model = RealNet.from_pretrained(str(model_dir))
     assert model.afs_ready
     assert model.standardize_features == (recipe == "fast") == model.feature_statistics_ready
+    # the card states the licence inherited from MVTec AD, not the library's MIT default
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    assert "license: cc-by-nc-sa-4.0" in card and "license: mit" not in card
+    assert f"| recipe | {recipe} |" in card and "| iterations | 3 |" in card and "widget" in card
     output = model.predict(torch.rand(2, 3, 64, 64))
     assert output.anomaly_map.shape == (2, 1, 64, 64)
 
@@ -158,6 +164,45 @@ def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp
     assert torch.allclose(std0, features[0].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-5), atol=1e-4)
     state = load_file(str(model_dir / "model.safetensors"))
     assert any(k.startswith("standardizer.mean") for k in state)
+
+
+def test_only_normal_training_images_are_used(tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root / "widget", n_train=6, n_good=1, n_bad=1)
+    for i in range(3):  # defective images under train/, without masks: must be skipped, not trained on
+        (root / "widget" / "train" / "blob").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "widget" / "train" / "blob" / f"{i}.png")
+    config = tiny_config(root, tmp_path / "run", validation_fraction=0.0)
+    (category,) = load_category_data(config, get_recipe("fast"))
+    assert len(category.train) == 6 and len(category.holdout) == 0
+    assert all(category.train[j]["image"].sum() > 0 for j in range(6))  # none of the black defect images
+
+
+def test_ema_averages_only_what_training_changes():
+    model = RealNet(backbone="resnet18", image_size=64, **TINY_MODEL)
+    shadow = ExponentialMovingAverage(model, 0.9).shadow
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and trainable <= set(shadow)
+    assert "rrs.bn.running_mean" in shadow and "rrs.bn.running_var" in shadow
+    assert not any(k.startswith(("backbone.", "selector.", "standardizer.")) for k in shadow)
+
+
+def test_afs_batches_draw_fresh_anomalies_when_they_wrap_around():
+    class Recorder(torch.utils.data.Dataset):
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"image": torch.full((1,), float(self.epoch))}
+
+    data = Recorder()
+    batches = list(realnet_training._batches(data, 2, seed=0, limit=5, parts=[data]))
+    assert [int(b["image"].max()) for b in batches] == [0, 0, 1, 1, 2]
 
 
 def test_short_training_on_planted_defects_beats_chance(data_root, tmp_path, texture_source):
@@ -210,7 +255,8 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     GradientState._reset_state()
     resumed = train(tiny_config(data_root, tmp_path / "resumed", iterations=6, checkpoint_every=2, resume=True))
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log if "loss" in r][-2:] == [5, 6]
+    # records written after the checkpoint (iteration 5 before the interruption) are not kept twice
+    assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -221,6 +267,11 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     GradientState._reset_state()
     with pytest.raises(InputError, match="--overwrite"):
         train(tiny_config(data_root, tmp_path / "resumed", iterations=6))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(InputError, match="unknown recipe"):  # bad settings are refused before anything is deleted
+        train(tiny_config(data_root, tmp_path / "resumed", iterations=6, overwrite=True, recipe="turbo"))
+    assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
 
 
 def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch):
@@ -232,13 +283,31 @@ def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(dat
         return original_load(*args, **kwargs)
 
     monkeypatch.setattr(realnet_data, "load_split", no_test_data)
-    model_dir = train(tiny_config(data_root, tmp_path / "run", iterations=4, validate_every=2, select="best"))
+    # the earlier validation scores higher, so "best" must differ from "last"
+    original_metrics = realnet_training.validation_metrics
+    scores = iter([0.9, 0.4])
+
+    def scripted_metrics(*args, **kwargs):
+        metrics = original_metrics(*args, **kwargs)
+        return {**metrics, "val_score": next(scores)}
+
+    weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def snapshot(model, iteration):  # the weights that would be saved at this iteration (EMA applied)
+        weights[iteration] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {}
+
+    monkeypatch.setattr(realnet_training, "validation_metrics", scripted_metrics)
+    model_dir = train(tiny_config(data_root, tmp_path / "run", iterations=4, validate_every=2, select="best"),
+                      evaluate=snapshot, evaluate_every=2)
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     validations = [r for r in log if "val_score" in r]
-    assert [r["iteration"] for r in validations] == [2, 4]
-    best = max(validations, key=lambda r: (r["val_score"], r["iteration"]))
+    assert [(r["iteration"], r["val_score"]) for r in validations] == [(2, 0.9), (4, 0.4)]
     selected = json.loads((model_dir / "thresholds.json").read_text())["selected"]
-    assert selected == {"rule": "best", "iteration": best["iteration"]}
+    assert selected == {"rule": "best", "iteration": 2}
+    saved = load_file(str(model_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], weights[2][k]) for k in saved)
+    assert not all(torch.equal(saved[k], weights[4][k]) for k in saved)
 
 
 def test_unified_training_on_several_categories(tmp_path):
@@ -257,6 +326,12 @@ def test_unified_training_on_several_categories(tmp_path):
         (dict(backbone="not_a_backbone"), "backbone"),
         (dict(model_kwargs=dict(TINY_MODEL, afs_channels=[8, 999])), "afs_channels"),
         (dict(recipe="turbo"), "unknown recipe"),
+        (dict(recipe="fast-no-loss-weights"), "unknown recipe"),
+        (dict(model_kwargs=dict(TINY_MODEL, no_such_setting=1)), "no_such_setting"),
+        (dict(model_kwargs=dict(TINY_MODEL, recon_num_res_blocks="two")), "--model-option"),
+        (dict(recipe_overrides={"ema_decay": "high"}), "ema_decay"),
+        (dict(mixed_precision="fp16"), "fp16"),
+        (dict(batch_size=0), "--batch-size"),
         (dict(source="dtd:/no/such/folder"), "folder"),
         (dict(select="best", validation_fraction=0.0), "--select best"),
     ],
