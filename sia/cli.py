@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -190,7 +191,13 @@ def push_command(
     if stage_only is not None:
         staged = stage_sia_dataset(folder, stage_only, dataset=dataset, repo_id=repo_id, revision=revision,
                                    max_shard_size=max_shard_size, license=license, overwrite=overwrite)
-        typer.echo(f"staged: {staged} (upload with `huggingface-cli upload {repo_id} {staged} --repo-type dataset`)")
+        # `hf` is the CLI of huggingface_hub >= 1.0 (`huggingface-cli` is gone); --delete drops stale shards.
+        command = f"hf upload {repo_id} {shlex.quote(str(staged))} --repo-type dataset --delete 'data/**'"
+        if revision:
+            command += f" --revision {revision}"
+        if private:
+            command += " --private"
+        typer.echo(f"staged: {staged} (upload with `{command}`)")
         return
     url = push_sia_dataset(folder, repo_id, private=private, revision=revision, dataset=dataset,
                            max_shard_size=max_shard_size, license=license)

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,9 @@ def _resolve(name_or_path: str | os.PathLike, category: str | None, revision: st
     except InputError:
         pass
     if dataset is not None:
+        if category is not None and category not in DATASET_CATEGORIES[dataset]:
+            raise InputError(f"category {category!r}: not a {dataset} category; "
+                             f"known: {', '.join(DATASET_CATEGORIES[dataset])}")
         repo_id = sia_repo_id(dataset)
     elif _looks_like_repo_id(text):
         repo_id = text
@@ -172,8 +175,9 @@ def _metadata_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob(METADATA_NAME) if not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def _read_metadata(root: Path, files: list[Path]) -> list[_Record]:
-    records: list[_Record] = []
+def _metadata_rows(root: Path, files: list[Path]) -> Iterator[tuple[Path, int, dict, Path, str]]:
+    """(metadata file, line number, row, image path, category) of every metadata line; files are not opened, so a
+    partial download (one category of a repo with a top-level metadata.jsonl) can be listed."""
     for meta in files:
         with meta.open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
@@ -186,19 +190,29 @@ def _read_metadata(root: Path, files: list[Path]) -> list[_Record]:
                 if not isinstance(row, dict) or "file_name" not in row:
                     raise InputError(f"{meta}:{number}: expected an object with 'file_name'")
                 image = meta.parent / row["file_name"]
-                if not image.is_file():
-                    raise InputError(f"{meta}:{number}: image {row['file_name']!r} does not exist")
                 relative = image.relative_to(root)
                 category = row.get("category")
                 if category is None:
                     category = relative.parts[0] if len(relative.parts) > 1 else meta.parent.name
-                mask = meta.parent / row["mask_file_name"] if row.get("mask_file_name") else None
-                if mask is not None and not mask.is_file():
-                    raise InputError(f"{meta}:{number}: mask {row['mask_file_name']!r} does not exist")
-                extra = {k: v for k, v in row.items() if k not in _SKIPPED_KEYS | {"category", "strength", "seed"}
-                         and (v is None or isinstance(v, (bool, int, float, str)))}
-                records.append(_Record(image, str(category), _optional(row.get("strength"), float),
-                                       _optional(row.get("seed"), int), mask, extra))
+                yield meta, number, row, image, str(category)
+
+
+def _read_metadata(root: Path, files: list[Path], category: str | None = None) -> list[_Record]:
+    """Records of the metadata files; with `category`, rows of other categories are skipped
+    (their images need not be there)."""
+    records: list[_Record] = []
+    for meta, number, row, image, row_category in _metadata_rows(root, files):
+        if category is not None and row_category != category:
+            continue
+        if not image.is_file():
+            raise InputError(f"{meta}:{number}: image {row['file_name']!r} does not exist")
+        mask = meta.parent / row["mask_file_name"] if row.get("mask_file_name") else None
+        if mask is not None and not mask.is_file():
+            raise InputError(f"{meta}:{number}: mask {row['mask_file_name']!r} does not exist")
+        extra = {k: v for k, v in row.items() if k not in _SKIPPED_KEYS | {"category", "strength", "seed"}
+                 and (v is None or isinstance(v, (bool, int, float, str)))}
+        records.append(_Record(image, row_category, _optional(row.get("strength"), float),
+                               _optional(row.get("seed"), int), mask, extra))
     return records
 
 
@@ -226,9 +240,13 @@ def _folder_kind(root: Path) -> str:
     return "images"
 
 
-def _records(root: Path) -> list[_Record]:
+def _records(root: Path, category: str | None = None) -> list[_Record]:
+    """Every record of a local image folder, or only those of `category`."""
     kind = _folder_kind(root)
-    records = _read_metadata(root, _metadata_files(root)) if kind == "imagefolder" else _plain_folder_records(root)
+    if kind == "imagefolder":
+        records = _read_metadata(root, _metadata_files(root), category)
+    else:
+        records = [r for r in _plain_folder_records(root) if category is None or r.category == category]
     if not records:
         raise InputError(f"{root}: no SIA images found (expected <category>/*.png with metadata.jsonl, "
                          "<category>/*.jpg, or data/<category>/*.parquet)")
@@ -263,6 +281,8 @@ def _categories_of(root: Path, split: str, label: str) -> list[str]:
         for path in files:
             names.update(pq.read_table(path, columns=["category"]).column("category").to_pylist())
         return sorted(n for n in names if n is not None)
+    if _folder_kind(root) == "imagefolder":
+        return sorted({row[-1] for row in _metadata_rows(root, _metadata_files(root))})
     return sorted({r.category for r in _records(root)})
 
 
@@ -301,22 +321,18 @@ def load_sia(
     `mask` (PIL) when the set has masks, and any extra metadata columns.
     """
     category = _normalise_category(category)
-    root, dataset, label = _resolve(name_or_path, category, revision, None)
+    root, dataset, label = _resolve(name_or_path, category, revision, None)  # checks a benchmark's category
     categories = _categories_of(root, split, label) if _folder_kind(root) == "parquet" else None
-    if category is not None and dataset is not None and category not in DATASET_CATEGORIES[dataset]:
-        raise InputError(f"category {category!r}: not a {dataset} category; known: {', '.join(DATASET_CATEGORIES[dataset])}")
 
     if categories is not None:
         return _load_parquet(root, label, category, categories, split, streaming, cache_dir)
     if split != "train":
         raise InputError(f"split {split!r}: {label} is an image folder with only a 'train' split")
-    records = _records(root)
-    present = sorted({r.category for r in records})
     if category is not None:
+        present = _categories_of(root, split, label)
         if category not in present:
             raise InputError(f"category {category!r}: not in {label}; present: {', '.join(present)}")
-        records = [r for r in records if r.category == category]
-    data = _records_to_dataset(records)
+    data = _records_to_dataset(_records(root, category))
     return data.to_iterable_dataset() if streaming else data
 
 
@@ -468,10 +484,13 @@ def stage_sia_dataset(
         raise InputError(f"{source}: SIA folder does not exist")
     if _folder_kind(source) == "parquet":
         raise InputError(f"{source}: already in parquet layout; upload it as it is")
-    if staging.exists() and any(staging.iterdir()):
-        if not overwrite:
-            raise InputError(f"{staging}: staging folder is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(staging)
+    src, dst = source.resolve(), staging.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise InputError(f"{staging}: the staging folder must lie outside the SIA folder {source} (and not contain it)")
+    if staging.exists() and not staging.is_dir():
+        raise InputError(f"{staging}: exists and is not a folder")
+    if staging.is_dir() and any(staging.iterdir()) and not overwrite:
+        raise InputError(f"{staging}: staging folder is not empty (pass overwrite=True / --overwrite)")
     records = _records(source)
     by_category: dict[str, list[_Record]] = {}
     for record in records:
@@ -495,7 +514,10 @@ def stage_sia_dataset(
 
     has_mask = any(r.mask is not None for r in records)
     limit = _parse_size(max_shard_size)
-    partial = Path(tempfile.mkdtemp(prefix=".staging-", dir=staging.parent if staging.parent.exists() else None))
+    # Built next to the target (same file system, so the final renames are atomic) and swapped in
+    # only when complete: a failure leaves an earlier staging folder as it was.
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{staging.name}.partial-", dir=staging.parent))
     try:
         for name, items in by_category.items():
             _write_category_shards(partial / "data" / name, items, has_mask, limit)
@@ -510,14 +532,27 @@ def stage_sia_dataset(
             columns=list(STANDARD_COLUMNS) + (["mask"] if has_mask else []), license=license,
         )
         (partial / "README.md").write_text(str(card), encoding="utf-8")
-        staging.parent.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
-            staging.rmdir()
-        partial.replace(staging)
+        _swap_in(partial, staging)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return staging
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Replace `target` (absent, empty or an earlier staging) by the complete folder `new`."""
+    if not target.exists():
+        new.replace(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old.rmdir()
+    target.replace(old)
+    try:
+        new.replace(target)
+    except OSError:
+        old.replace(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _guess_dataset(by_category: Mapping[str, list[_Record]]) -> str | None:

@@ -134,6 +134,16 @@ def test_cli_push_stage_only_and_convert_official_sia(tmp_path):
                                  str(tmp_path / "stage")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "stage" / "data" / "zipper" / "train-00000-of-00001.parquet").is_file()
+    # huggingface_hub >= 1.0 installs `hf`, not `huggingface-cli`
+    assert f"`hf upload acme/sia-mvtec {tmp_path / 'stage'} --repo-type dataset" in result.output
+    assert "huggingface-cli" not in result.output
+
+    before = sorted(p.relative_to(tmp_path / "sia") for p in (tmp_path / "sia").rglob("*"))
+    for inside in (tmp_path / "sia", tmp_path / "sia" / "stage", tmp_path):
+        refused = runner.invoke(app, ["push", str(tmp_path / "sia"), "--repo-id", "acme/sia-mvtec", "--stage-only",
+                                      str(inside), "--overwrite"])
+        assert refused.exit_code == 2 and "outside the SIA folder" in refused.output, refused.output
+    assert sorted(p.relative_to(tmp_path / "sia") for p in (tmp_path / "sia").rglob("*")) == before
     card = DatasetCard.load(tmp_path / "stage" / "README.md")
     assert card.data.license == "cc-by-nc-sa-4.0" and "not recorded per image" in card.text
 

@@ -178,6 +178,45 @@ def test_stage_refuses_to_overwrite(tmp_path):
     assert stage_sia_dataset(source, staging, overwrite=True) == staging
 
 
+def test_stage_overwrite_swaps_in_a_complete_folder(tmp_path, monkeypatch):
+    source = make_generated(tmp_path / "gen")
+    staging = stage_sia_dataset(source, tmp_path / "stage")
+    (staging / "stale.txt").write_text("from an earlier staging")
+    original = hub._write_category_shards
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hub, "_write_category_shards", fail)
+    with pytest.raises(RuntimeError):
+        stage_sia_dataset(source, staging, overwrite=True)
+    assert (staging / "stale.txt").is_file() and (staging / "README.md").is_file()  # untouched by the failure
+    monkeypatch.setattr(hub, "_write_category_shards", original)
+    stage_sia_dataset(source, staging, overwrite=True)
+    assert not (staging / "stale.txt").exists() and (staging / "data" / "cable").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "stage"]  # no temporary folder left
+
+
+def test_stage_creates_missing_parents_next_to_the_target(tmp_path, monkeypatch):
+    import tempfile
+
+    folders = []
+    original = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: folders.append(k.get("dir")) or original(*a, **k))
+    target = tmp_path / "new" / "deeper" / "stage"
+    assert stage_sia_dataset(make_generated(tmp_path / "gen"), target) == target
+    assert folders and all(Path(f) == target.parent for f in folders)
+
+
+def test_stage_refuses_a_folder_inside_or_around_the_source(tmp_path):
+    source = make_generated(tmp_path / "gen")
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    for staging in (source, source / "bottle", source / "new" / "stage", tmp_path):
+        with pytest.raises(InputError, match="outside the SIA folder"):
+            stage_sia_dataset(source, staging, overwrite=True)
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
 def test_push_stages_then_uploads(tmp_path, monkeypatch):
     """push = staging + HfApi calls; the API is replaced by a recorder (no network)."""
     import huggingface_hub
@@ -259,6 +298,22 @@ def test_load_from_offline_hub_cache_by_id_alias_and_revision(tmp_path, offline_
     assert len(source) == COUNTS["bottle"]
 
 
+def test_hub_repo_with_one_top_level_metadata_loads_one_category(tmp_path, offline_cache):
+    """Only `bottle/*` and the top-level metadata.jsonl are downloaded for category="bottle"; the
+    rows of the other categories point at files that are not there."""
+    generated = make_generated(tmp_path / "gen")
+    _fake_hub_cache(offline_cache, "acme/sia-folder", {"main": generated})
+    snapshot = next((offline_cache / "datasets--acme--sia-folder" / "snapshots").iterdir())
+    shutil.rmtree(snapshot / "cable")  # what allow_patterns=["bottle/*", "metadata.jsonl", ...] leaves out
+    ds = load_sia("acme/sia-folder", category="bottle")
+    assert len(ds) == COUNTS["bottle"] and set(ds["category"]) == {"bottle"}
+    assert ds["seed"] == [1000 + i for i in range(COUNTS["bottle"])]
+    with pytest.raises(InputError, match=r"category 'zipper': not in acme/sia-folder; present: bottle, cable"):
+        load_sia("acme/sia-folder", category="zipper")
+    with pytest.raises(InputError, match="does not exist"):  # all categories: the missing images are an error
+        load_sia("acme/sia-folder")
+
+
 def test_missing_repo_offline_is_one_line_error(offline_cache):
     with pytest.raises(InputError, match="not in the local Hub cache") as err:
         load_sia("acme/absent", category="bottle")
@@ -314,3 +369,8 @@ def test_bad_inputs_are_one_line_input_errors(tmp_path, offline_cache):
         with pytest.raises(InputError) as err:
             case()
         assert "\n" not in str(err.value)
+    # checked before any download: the message is about the category, not the offline cache
+    with pytest.raises(InputError, match=r"category 'pcb1': not a mvtec-ad category; known: bottle, cable"):
+        load_sia("mvtec-ad", category="pcb1")
+    with pytest.raises(InputError, match=r"category 'pcb1': not a mvtec-ad category"):
+        load_sia("mvtec-ad", category="mvtec-ad/pcb1")
