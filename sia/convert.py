@@ -183,7 +183,7 @@ def adm_unet_config(
             raise InputError(f"{source}: input_blocks.{first + layers} is not a residual downsampling block; "
                              "only ADM models with resblock_updown=True are supported")
 
-    emb_out = state_dict[f"input_blocks.1.0.emb_layers.1.weight"].shape[0]
+    emb_out = state_dict["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     scale_shift = emb_out == 2 * widths[0]
     for width in set(widths):
         if width % norm_num_groups:

@@ -32,7 +32,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InputError
-from .scheduler import SDASScheduler, make_scheduler
+from .scheduler import make_scheduler
 from .unets import build_unet
 
 __all__ = ["SDASPipeline", "SDASPipelineOutput"]

@@ -203,7 +203,7 @@ class SIASource:
             rows = [i for i, value in enumerate(values) if _category_matches(value, category)]
         if not rows:
             raise InputError(
-                f"anomaly source dataset: no images" + (f" for category {category!r}" if category else "")
+                "anomaly source dataset: no images" + (f" for category {category!r}" if category else "")
             )
         return rows, lambda row: dataset[row]["image"]
 
