@@ -62,11 +62,15 @@ def stack_split(root, layout, category, split, size=256):
     )
 
 
-def test_metrics(model, images, masks, labels) -> dict:
+def test_metrics(model, images, masks, labels, save: Path | None = None) -> dict:
+    """Test-set metrics of ``model``; with ``save``, also keep its maps and scores (float16 .npz) for analysis."""
     from realnet.metrics import evaluate_maps
     from realnet.training import predict_tensors
 
     maps, scores = predict_tensors(model, images, batch_size=8)
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(save, maps=maps.numpy().astype(np.float16), scores=scores.numpy(), masks=masks, labels=labels)
     metrics = evaluate_maps(maps.numpy(), masks, scores.numpy(), labels)
     return {k: float(v) for k, v in metrics.items()}
 
@@ -98,14 +102,15 @@ def run_recipe(name: str, recipe: str, iterations: int, eval_every: int, batch_s
     images, masks, labels = stack_split(root, layout, category, "test")
     curve: list[dict] = []
 
+    output = OUT / "recipe_work" / f"{name}__{recipe}"
+
     def on_evaluate(model, iteration):
         start = time.perf_counter()
-        metrics = test_metrics(model, images, masks, labels)
+        metrics = test_metrics(model, images, masks, labels, save=output / "maps" / f"iteration_{iteration:05d}.npz")
         curve.append({"iteration": iteration, **metrics})
         print(f"  {name} {recipe} it {iteration}: {metrics} ({time.perf_counter() - start:.0f} s)", flush=True)
         return {f"test_{k}": v for k, v in metrics.items()}
 
-    output = OUT / "recipe_work" / f"{name}__{recipe}"
     reset_accelerate()
     start = time.perf_counter()
     model_dir = train(training_config(name, recipe, iterations, batch_size, output, seed), evaluate=on_evaluate, evaluate_every=eval_every)

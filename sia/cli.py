@@ -63,7 +63,7 @@ def generate_command(
         help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
              "(s ~ U(MIN, MAX) per image; official: 0.1 0.2).")] = "0.1,0.2",
     num_images: Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
-    seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly.")] = 0,
+    seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly; to add new images to a set, use a far-away seed (e.g. 1000000), since seed 1 repeats images 1.. of seed 0.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
     steps: Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
     sampler: Annotated[str, typer.Option(help="ddpm (official ancestral SDAS sampler) or ddim (deterministic DDIM + s*Sigma noise; use small s, e.g. 0.01-0.03).")] = "ddpm",
