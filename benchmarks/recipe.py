@@ -6,13 +6,16 @@ of iterations, fixed seed, metrics at 256² (image AUROC, pixel AUROC, PRO up to
 reported is the LAST one; the test set is evaluated every ``--eval-every`` iterations only to draw
 learning curves, never to pick a checkpoint.
 
-Each (data set, recipe) run is written to ``benchmarks/out/recipe_runs/<data>__<recipe>.json`` as
-soon as it finishes (so several processes can share the work and an interrupted benchmark keeps what
-it measured); ``--report`` gathers them into ``benchmarks/out/recipe.{json,md}`` and
-``benchmarks/out/recipe_curves.png``.
+Each run is written to ``benchmarks/out/recipe_runs/<data>__<recipe>__<iterations>it.json`` as soon
+as it finishes (so several processes can share the work and an interrupted benchmark keeps what it
+measured); ``--report`` gathers them into ``benchmarks/out/recipe.{json,md}`` and the curves PNG
+(``benchmarks/recipe_curves.png``). Runs at the largest budget form the main table; runs at smaller
+budgets (the ablations of ``fast``, each beside ``fast`` at the same budget) form a second table.
 
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --measure                 # s/iteration
-    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 300 --data hazelnut_toy --recipes fast,paper
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --data hazelnut_toy --recipes patchcore,fast,paper
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes fast,fast-no-ema,fast-no-grad-clip
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes "fast:segmentation_loss=focal"
     python benchmarks/recipe.py --report
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,13 +86,23 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+def parse_recipe_spec(spec: str) -> tuple[str, dict]:
+    """``"fast"`` or ``"fast:segmentation_loss=focal,ema_decay=null"`` -> (recipe name, field overrides)."""
+    from realnet.training import parse_key_values
+
+    name, _, options = spec.partition(":")
+    return name, parse_key_values([o for o in options.split(",") if o], "recipe spec")
+
+
 def training_config(name: str, recipe: str, iterations: int, batch_size: int, output: Path, seed: int):
     from realnet.training import TrainingConfig
 
     root, layout, category, foreground = DATASETS[name]
+    recipe_name, overrides = parse_recipe_spec(recipe)
     return TrainingConfig(
         data=str(root), output=str(output), source=f"dtd:{SHARED / 'dtd' / 'images'}", dataset=layout,
-        categories=[category] if category else [], foreground=foreground, recipe=recipe, backbone=BACKBONE,
+        categories=[category] if category else [], foreground=foreground, recipe=recipe_name,
+        recipe_overrides=overrides, backbone=BACKBONE,
         backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False}, image_size=256,
         iterations=iterations, batch_size=batch_size, seed=seed, afs_batches=16, validation_fraction=0.15,
         checkpoint_every=50, progress=False, cpu=True, log_every=10, resume=(output / "config.json").is_file(),
@@ -102,7 +116,7 @@ def run_recipe(name: str, recipe: str, iterations: int, eval_every: int, batch_s
     images, masks, labels = stack_split(root, layout, category, "test")
     curve: list[dict] = []
 
-    output = OUT / "recipe_work" / f"{name}__{recipe}"
+    output = OUT / "recipe_work" / f"{name}__{run_name(recipe, iterations)}"
 
     def on_evaluate(model, iteration):
         start = time.perf_counter()
@@ -183,23 +197,46 @@ def collect() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
 
+def _row(run: dict, reference: dict | None = None) -> list[str]:
+    f = run["final"]
+    cells = [f"{f[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "pro")]
+    if reference is not None:
+        cells = [f"{f[k]:.3f} ({f[k] - reference['final'][k]:+.3f})" for k in ("image_auroc", "pixel_auroc", "pro")]
+    spi = run.get("seconds_per_iteration")
+    return [run["data"], run["recipe"], str(run.get("iterations", "-")), *cells,
+            "-" if spi is None else f"{spi:.2f}", f"{run.get('train_wall_seconds', 0):.0f}"]
+
+
+def markdown_tables(runs: list[dict]) -> list[str]:
+    """The budget table (PatchCore and every recipe at the largest budget) and, when present, the
+    ablation table (runs at smaller budgets, each with its change against `fast` at that budget)."""
+    header = ["data", "recipe", "iterations", "image AUROC", "pixel AUROC", "PRO", "s/iteration", "train wall (s)"]
+
+    def table(rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+    trained = [r for r in runs if r["recipe"] != "patchcore"]
+    budget = max((r.get("iterations", 0) for r in trained), default=0)
+    main = sorted([r for r in runs if r["recipe"] == "patchcore" or r.get("iterations") == budget],
+                  key=lambda r: (r["data"], r["recipe"] != "patchcore", r["recipe"] != "fast", r["recipe"]))
+    lines = table([_row(r) for r in main])
+    small = [r for r in trained if r.get("iterations") != budget]
+    if small:
+        references = {(r["data"], r["iterations"]): r for r in small if r["recipe"] == "fast"}
+        rows = [_row(r, references.get((r["data"], r["iterations"])) if r["recipe"] != "fast" else None)
+                for r in sorted(small, key=lambda r: (r["data"], r["iterations"], r["recipe"] != "fast", r["recipe"]))]
+        lines += ["", "Ablations of the fast recipe at a smaller budget (in brackets: the change against `fast` at "
+                  "the same budget; `fast-no-X` switches change X back to the paper setting):", ""] + table(rows)
+    return lines
+
+
 def markdown(runs: list[dict], meta: dict) -> str:
     lines = [
         "# RealNet training recipes vs PatchCore (CPU budget)", "",
         f"Machine: {meta['machine']}; threads per run: {meta['threads']}. Backbone {BACKBONE} (offline ImageNet weights), "
         "256², DTD anomalies, batch 8, seed 100; model reported = last iteration (never chosen on test).", "",
-        "| data | recipe | iterations | image AUROC | pixel AUROC | PRO | s/iteration | train wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for run in sorted(runs, key=lambda r: (r["data"], r["recipe"] != "patchcore", r["recipe"])):
-        f = run["final"]
-        its = run.get("iterations", "-")
-        spi = run.get("seconds_per_iteration")
-        lines.append(
-            f"| {run['data']} | {run['recipe']} | {its} | {f['image_auroc']:.3f} | {f['pixel_auroc']:.3f} | {f['pro']:.3f} | "
-            f"{'-' if spi is None else f'{spi:.2f}'} | {run.get('train_wall_seconds', 0):.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + markdown_tables(runs)) + "\n"
 
 
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
@@ -207,8 +244,12 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 
 def draw_curves(runs: list[dict], path: Path) -> None:
-    """Metric-vs-iteration panels (rows: data sets, columns: metrics), drawn with PIL."""
+    """Metric-vs-iteration panels (rows: data sets, columns: metrics) of the runs at the largest
+    budget, PatchCore as a dashed line; drawn with PIL."""
     from PIL import Image, ImageDraw
+
+    budget = max((r.get("iterations", 0) for r in runs if r["recipe"] != "patchcore"), default=0)
+    runs = [r for r in runs if r["recipe"] == "patchcore" or r.get("iterations") == budget]
 
     datasets = sorted({r["data"] for r in runs})
     recipes = sorted({r["recipe"] for r in runs if r["recipe"] != "patchcore"})
@@ -265,12 +306,19 @@ def report(meta: dict) -> None:
     (OUT / "recipe.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
     (OUT / "recipe.md").write_text(markdown(runs, meta))
     draw_curves(runs, OUT / "recipe_curves.png")
+    shutil.copyfile(OUT / "recipe_curves.png", HERE / "recipe_curves.png")  # the committed copy RESULTS.md shows
     print(markdown(runs, meta))
+
+
+def run_name(recipe: str, iterations: int | None = None) -> str:
+    """A file-name-safe name of one run: the recipe spec and, for trained recipes, the budget."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe)
+    return safe if recipe == "patchcore" or iterations is None else f"{safe}__{iterations}it"
 
 
 def save_run(result: dict) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    path = RUNS / f"{result['data']}__{result['recipe']}.json"
+    path = RUNS / f"{result['data']}__{run_name(result['recipe'], result.get('iterations'))}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
@@ -279,7 +327,9 @@ def save_run(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="hazelnut_toy,kolektorsdd", help="comma-separated: hazelnut_toy, kolektorsdd")
-    parser.add_argument("--recipes", default="patchcore,fast,paper", help="comma-separated recipe names (and patchcore)")
+    parser.add_argument("--recipes", default="patchcore,fast,paper",
+                        help="semicolon- or comma-separated recipe names (and patchcore); a recipe may carry field "
+                             "overrides: 'fast:segmentation_loss=focal,ema_decay=null' (then separate recipes with ';')")
     parser.add_argument("--iterations", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -300,8 +350,8 @@ def main() -> None:
         return
     if not args.report:
         for name in args.data.split(","):
-            for recipe in args.recipes.split(","):
-                if (RUNS / f"{name}__{recipe}.json").is_file():
+            for recipe in (args.recipes.split(";") if ";" in args.recipes or ":" in args.recipes else args.recipes.split(",")):
+                if (RUNS / f"{name}__{run_name(recipe, args.iterations)}.json").is_file():
                     print(f"{name} {recipe}: already measured, skipped")
                     continue
                 print(f"{name} {recipe} ...", flush=True)

@@ -163,20 +163,17 @@ ACCURACY_ANCHORS = [
 
 
 def render_recipe(data: dict) -> list[str]:
-    runs = sorted(data.get("runs", []), key=lambda r: (r.get("data", ""), r.get("recipe") != "patchcore", r.get("recipe", "")))
-    rows = []
-    for run in runs:
-        final = run.get("final", {})
-        recipe = run.get("recipe")
-        label = "PatchCore baseline (same backbone)" if recipe == "patchcore" else f"RealNet, {recipe} recipe"
-        rows.append([label, run.get("data"), _fmt(final.get("image_auroc")), _fmt(final.get("pixel_auroc")),
-                     _fmt(final.get("pro")), run.get("iterations", "-"), _fmt(run.get("train_wall_seconds"), ".0f") + " s"])
+    sys.path.insert(0, str(HERE))
+    from recipe import markdown_tables  # the same tables as benchmarks/out/recipe.md
+
     lines = ["256², no crop, frozen tf_efficientnet_lite0 with the offline ImageNet weights, DTD anomalies, "
-             "batch 8, the LAST model (never chosen on test data); metrics at 256² (PRO to FPR 0.3).", ""]
-    lines += _table(["method", "data", "image AUROC", "pixel AUROC", "PRO", "iterations", "train wall"],
-                    rows + [row[:5] + ["-", row[5]] for row in ACCURACY_ANCHORS])
-    if (OUT / "recipe_curves.png").is_file():
-        lines += ["", "Learning curves: `benchmarks/out/recipe_curves.png`."]
+             "batch 8, the LAST model (never chosen on test data); metrics at 256² (PRO to FPR 0.3). "
+             "Each run used one thread.", ""]
+    lines += markdown_tables(data.get("runs", []))
+    lines += ["", "Official code on this machine kind (docs/performance-anchors.md), for reference:", ""]
+    lines += _table(["method", "data", "image AUROC", "pixel AUROC", "PRO", "wall time"], ACCURACY_ANCHORS)
+    if (HERE / "recipe_curves.png").is_file():
+        lines += ["", "Learning curves (test set, for the curve only): ![recipe curves](recipe_curves.png)"]
     return lines
 
 
