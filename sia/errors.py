@@ -1,5 +1,7 @@
 """One exception type for bad user input, so CLIs can print it as a single line."""
 
+import operator
+
 
 class InputError(ValueError):
     """Raised when a file, folder or argument given by the user is not what was expected.
@@ -23,3 +25,16 @@ def report_input_errors(command):
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def whole_number(value: object, name: str, minimum: int = 1) -> int:
+    """`value` as an int (python or numpy integer; not a bool or float) >= `minimum`, else an InputError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise InputError(f"{name} must be at least {minimum}, got {number}")
+    return number

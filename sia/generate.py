@@ -26,7 +26,6 @@ skipped and every file is written to a temporary name first, then renamed.
 from __future__ import annotations
 
 import json
-import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from .errors import InputError, whole_number
 from .pipeline import SDASPipeline
 
 __all__ = ["generate_dataset", "load_generation_pipeline", "resolve_model", "GenerationSummary", "parse_strength", "parse_categories"]
@@ -55,19 +54,6 @@ class GenerationSummary:
     skipped: int
     total: int
     metadata: Path | None
-
-
-def _whole_number(value: object, name: str, minimum: int) -> int:
-    """`value` as an int (python or numpy integer; not a bool or float) >= `minimum`, else an InputError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise InputError(f"{name} must be at least {minimum}, got {number}")
-    return number
 
 
 def parse_strength(values: float | str | Sequence[float | str]) -> tuple[float, ...]:
@@ -244,9 +230,9 @@ def generate_dataset(
     """
     from accelerate import PartialState
 
-    num_images, batch_size, steps = (_whole_number(v, n, minimum=1) for n, v in
+    num_images, batch_size, steps = (whole_number(v, n, minimum=1) for n, v in
                                      (("--num-images", num_images), ("--batch-size", batch_size), ("--steps", steps)))
-    seed = _whole_number(seed, "--seed", minimum=0)
+    seed = whole_number(seed, "--seed", minimum=0)
     if seed + num_images - 1 > MAX_SEED:
         raise InputError(f"--seed must be at most 2**64 - num_images, so that every seed + i fits a torch generator; "
                          f"got {seed}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .errors import InputError
+from .errors import InputError, whole_number
 from .scheduler import make_scheduler
 from .unets import build_unet
 
@@ -50,19 +49,6 @@ class SDASPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     strengths: list[float]
-
-
-def _whole_number(value, name: str, minimum: int = 1) -> int:
-    """`value` as an int (python or numpy integer, not bool or float) >= `minimum`, else an InputError."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise InputError(f"{name} must be at least {minimum}, got {number}")
-    return number
 
 
 def _strength_range(strength) -> tuple[float, float]:
@@ -154,7 +140,7 @@ class SDASPipeline(DiffusionPipeline):
 
     def _class_ids(self, category, num_images: int | None) -> list[int]:
         if num_images is not None:
-            num_images = _whole_number(num_images, "num_images")
+            num_images = whole_number(num_images, "num_images")
         if isinstance(category, (torch.Tensor, np.ndarray)):
             category = category.tolist()  # numpy / torch integers become python ints
         if isinstance(category, (str, int, np.integer)):
@@ -219,8 +205,8 @@ class SDASPipeline(DiffusionPipeline):
                 raise InputError(f"latents must be a torch tensor or numpy array, got {type(latents).__name__}")
             if tuple(latents.shape) != shape:
                 raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        batch_size = total if batch_size is None else _whole_number(batch_size, "batch_size")
-        num_inference_steps = _whole_number(num_inference_steps, "num_inference_steps")
+        batch_size = total if batch_size is None else whole_number(batch_size, "batch_size")
+        num_inference_steps = whole_number(num_inference_steps, "num_inference_steps")
         max_steps = self.scheduler.config.num_train_timesteps
         if num_inference_steps > max_steps:
             raise InputError(f"num_inference_steps must be at most the scheduler's num_train_timesteps ({max_steps}), "
