@@ -268,8 +268,8 @@ def build_report(selected: list[Benchmark], ran: dict[str, bool], reuse: bool) -
         "benchmark script; its JSON is in `benchmarks/out/`. \"official\" = the official RealNet code measured "
         "on this machine kind with the same protocol (docs/performance-anchors.md); speed-up = official / ours.", "",
         "## Machine and software", "",
-        f"- CPU: {info.get('cpu')} ({info.get('usable_cores')} usable cores, {info.get('logical_cpus_in_machine')} "
-        f"logical CPUs in the machine), {info.get('ram_gib')} GiB RAM, {info.get('os')}",
+        f"- CPU: {info.get('cpu')} ({info.get('logical_cpus_in_machine')} logical CPUs in the machine, "
+        f"{info.get('usable_cores')} of them open to the report process), {info.get('ram_gib')} GiB RAM, {info.get('os')}",
         f"- load average when this report was written: {info.get('load_average')} (the machine is shared; "
         "CPU-time columns are the least disturbed figures)",
         "- " + ", ".join(f"{k} {v}" for k, v in found.items()),
