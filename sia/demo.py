@@ -52,7 +52,7 @@ class DemoPreset:
     description: str
     # SDAS diffusion model
     diffusion_size: int = 32
-    diffusion_steps: int = 300
+    diffusion_steps: int = 1500
     diffusion_batch: int = 8
     diffusion_lr: float = 1e-3
     diffusion_ema: float = 0.99
