@@ -316,6 +316,12 @@ def run_name(recipe: str, iterations: int | None = None) -> str:
     return safe if recipe == "patchcore" or iterations is None else f"{safe}__{iterations}it"
 
 
+def split_recipes(text: str) -> list[str]:
+    """``"fast,paper"`` or ``"fast:segmentation_loss=focal,ema_decay=null;paper"``: commas separate recipes
+    unless overrides (``:``) are present, whose own commas force ``;`` between recipes."""
+    return [r for r in text.split(";" if ";" in text or ":" in text else ",") if r]
+
+
 def save_run(result: dict) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / f"{result['data']}__{run_name(result['recipe'], result.get('iterations'))}.json"
@@ -350,7 +356,7 @@ def main() -> None:
         return
     if not args.report:
         for name in args.data.split(","):
-            for recipe in (args.recipes.split(";") if ";" in args.recipes or ":" in args.recipes else args.recipes.split(",")):
+            for recipe in split_recipes(args.recipes):
                 if (RUNS / f"{name}__{run_name(recipe, args.iterations)}.json").is_file():
                     print(f"{name} {recipe}: already measured, skipped")
                     continue
