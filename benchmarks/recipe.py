@@ -46,6 +46,7 @@ DATASETS = {
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", None, "none"),
 }
 BACKBONE = "tf_efficientnet_lite0"
+DEFAULT_SEED = 100  # runs at other seeds carry their seed in their names
 
 
 def lite0_weights() -> str:
@@ -110,13 +111,13 @@ def training_config(name: str, recipe: str, iterations: int, batch_size: int, ou
 
 
 def run_recipe(name: str, recipe: str, iterations: int, eval_every: int, batch_size: int, seed: int) -> dict:
-    from realnet.training import train
+    from realnet.training import CHECKPOINT_DIR, train
 
     root, layout, category, _ = DATASETS[name]
     images, masks, labels = stack_split(root, layout, category, "test")
     curve: list[dict] = []
 
-    output = OUT / "recipe_work" / f"{name}__{run_name(recipe, iterations)}"
+    output = OUT / "recipe_work" / f"{name}__{run_name(recipe, iterations, seed)}"
 
     def on_evaluate(model, iteration):
         start = time.perf_counter()
@@ -129,6 +130,8 @@ def run_recipe(name: str, recipe: str, iterations: int, eval_every: int, batch_s
     start = time.perf_counter()
     model_dir = train(training_config(name, recipe, iterations, batch_size, output, seed), evaluate=on_evaluate, evaluate_every=eval_every)
     wall = time.perf_counter() - start
+    # the resumable states (about 1 GB each with Lite0) only matter while a run can still be interrupted
+    shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
     log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     for record in log:  # a resumed run keeps the curve points measured before the interruption
         if "test_image_auroc" in record and all(c["iteration"] != record["iteration"] for c in curve):
@@ -197,27 +200,59 @@ def collect() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
 
 
-def _row(run: dict, reference: dict | None = None) -> list[str]:
-    f = run["final"]
-    cells = [f"{f[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "pro")]
-    if reference is not None:
-        cells = [f"{f[k]:.3f} ({f[k] - reference['final'][k]:+.3f})" for k in ("image_auroc", "pixel_auroc", "pro")]
-    spi = run.get("seconds_per_iteration")
-    return [run["data"], run["recipe"], str(run.get("iterations", "-")), *cells,
-            "-" if spi is None else f"{spi:.2f}", f"{run.get('train_wall_seconds', 0):.0f}"]
+METRICS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One entry per (data, recipe, budget): the mean of its seeds' final metrics, their sample
+    standard deviation (when there are several seeds) and the seeds, so seed noise is visible."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["data"], run["recipe"], run.get("iterations")), []).append(run)
+    entries = []
+    for (data, recipe, iterations), members in groups.items():
+        finals = np.array([[m["final"][k] for k in METRICS] for m in members], dtype=float)
+        speeds = [m["seconds_per_iteration"] for m in members if m.get("seconds_per_iteration") is not None]
+        entries.append({
+            "data": data, "recipe": recipe, "iterations": iterations,
+            "seeds": sorted(m.get("seed", DEFAULT_SEED) for m in members),
+            "final": dict(zip(METRICS, finals.mean(axis=0).tolist())),
+            "spread": dict(zip(METRICS, finals.std(axis=0, ddof=1).tolist())) if len(members) > 1 else None,
+            "seconds_per_iteration": float(np.mean(speeds)) if speeds else None,
+            "train_wall_seconds": float(np.mean([m.get("train_wall_seconds", 0) for m in members])),
+            "curve": members[0].get("curve", []),
+        })
+    return entries
+
+
+def _row(entry: dict, reference: dict | None = None) -> list[str]:
+    cells = []
+    for k in METRICS:
+        value = entry["final"][k]
+        cell = f"{value:.3f}" + (f" ± {entry['spread'][k]:.3f}" if entry.get("spread") else "")
+        if reference is not None:
+            cell += f" ({value - reference['final'][k]:+.3f})"
+        cells.append(cell)
+    spi = entry.get("seconds_per_iteration")
+    seeds = "-" if entry["recipe"] == "patchcore" else ",".join(str(s) for s in entry["seeds"])
+    return [entry["data"], entry["recipe"], str(entry.get("iterations") or "-"), seeds, *cells,
+            "-" if spi is None else f"{spi:.2f}", f"{entry.get('train_wall_seconds', 0):.0f}"]
 
 
 def markdown_tables(runs: list[dict]) -> list[str]:
     """The budget table (PatchCore and every recipe at the largest budget) and, when present, the
-    ablation table (runs at smaller budgets, each with its change against `fast` at that budget)."""
-    header = ["data", "recipe", "iterations", "image AUROC", "pixel AUROC", "PRO", "s/iteration", "train wall (s)"]
+    ablation table (runs at smaller budgets, each with its change against `fast` at that budget).
+    A recipe trained with several seeds shows the mean ± sample standard deviation over them."""
+    header = ["data", "recipe", "iterations", "seeds", "image AUROC", "pixel AUROC", "PRO", "s/iteration",
+              "train wall (s)"]
 
     def table(rows: list[list[str]]) -> list[str]:
         return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
-    trained = [r for r in runs if r["recipe"] != "patchcore"]
+    entries = aggregate(runs)
+    trained = [r for r in entries if r["recipe"] != "patchcore"]
     budget = max((r.get("iterations", 0) for r in trained), default=0)
-    main = sorted([r for r in runs if r["recipe"] == "patchcore" or r.get("iterations") == budget],
+    main = sorted([r for r in entries if r["recipe"] == "patchcore" or r.get("iterations") == budget],
                   key=lambda r: (r["data"], r["recipe"] != "patchcore", r["recipe"] != "fast", r["recipe"]))
     lines = table([_row(r) for r in main])
     small = [r for r in trained if r.get("iterations") != budget]
@@ -225,8 +260,9 @@ def markdown_tables(runs: list[dict]) -> list[str]:
         references = {(r["data"], r["iterations"]): r for r in small if r["recipe"] == "fast"}
         rows = [_row(r, references.get((r["data"], r["iterations"])) if r["recipe"] != "fast" else None)
                 for r in sorted(small, key=lambda r: (r["data"], r["iterations"], r["recipe"] != "fast", r["recipe"]))]
-        lines += ["", "Ablations of the fast recipe at a smaller budget (in brackets: the change against `fast` at "
-                  "the same budget; `fast-no-X` switches change X back to the paper setting):", ""] + table(rows)
+        lines += ["", "Ablations of the fast recipe at a smaller budget (in brackets: the change of the mean against "
+                  "`fast` at the same budget; `fast-no-X` switches change X back to the paper setting; ± is the "
+                  "standard deviation over the seeds listed, which is the yardstick for the changes):", ""] + table(rows)
     return lines
 
 
@@ -234,7 +270,7 @@ def markdown(runs: list[dict], meta: dict) -> str:
     lines = [
         "# RealNet training recipes vs PatchCore (CPU budget)", "",
         f"Machine: {meta['machine']}; threads per run: {meta['threads']}. Backbone {BACKBONE} (offline ImageNet weights), "
-        "256², DTD anomalies, batch 8, seed 100; model reported = last iteration (never chosen on test).", "",
+        "256², DTD anomalies, batch 8, training seeds as listed; model reported = last iteration (never chosen on test).", "",
     ]
     return "\n".join(lines + markdown_tables(runs)) + "\n"
 
@@ -244,12 +280,13 @@ COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 
 
 
 def draw_curves(runs: list[dict], path: Path) -> None:
-    """Metric-vs-iteration panels (rows: data sets, columns: metrics) of the runs at the largest
-    budget, PatchCore as a dashed line; drawn with PIL."""
+    """Metric-vs-iteration panels (rows: data sets, columns: metrics) of the default-seed runs at the
+    largest budget, PatchCore as a dashed line; drawn with PIL."""
     from PIL import Image, ImageDraw
 
     budget = max((r.get("iterations", 0) for r in runs if r["recipe"] != "patchcore"), default=0)
-    runs = [r for r in runs if r["recipe"] == "patchcore" or r.get("iterations") == budget]
+    runs = [r for r in runs if r["recipe"] == "patchcore"
+            or (r.get("iterations") == budget and r.get("seed", DEFAULT_SEED) == DEFAULT_SEED)]
 
     datasets = sorted({r["data"] for r in runs})
     recipes = sorted({r["recipe"] for r in runs if r["recipe"] != "patchcore"})
@@ -310,10 +347,13 @@ def report(meta: dict) -> None:
     print(markdown(runs, meta))
 
 
-def run_name(recipe: str, iterations: int | None = None) -> str:
-    """A file-name-safe name of one run: the recipe spec and, for trained recipes, the budget."""
+def run_name(recipe: str, iterations: int | None = None, seed: int = DEFAULT_SEED) -> str:
+    """A file-name-safe name of one run: the recipe spec and, for trained recipes, the budget and
+    any seed other than the default."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe)
-    return safe if recipe == "patchcore" or iterations is None else f"{safe}__{iterations}it"
+    if recipe == "patchcore" or iterations is None:
+        return safe
+    return f"{safe}__{iterations}it" + ("" if seed == DEFAULT_SEED else f"__seed{seed}")
 
 
 def split_recipes(text: str) -> list[str]:
@@ -324,7 +364,7 @@ def split_recipes(text: str) -> list[str]:
 
 def save_run(result: dict) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
-    path = RUNS / f"{result['data']}__{run_name(result['recipe'], result.get('iterations'))}.json"
+    path = RUNS / f"{result['data']}__{run_name(result['recipe'], result.get('iterations'), result.get('seed', DEFAULT_SEED))}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
@@ -339,7 +379,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--seeds", default=str(DEFAULT_SEED),
+                        help="comma-separated training seeds; each recipe runs once per seed (PatchCore once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--measure", action="store_true", help="only measure seconds per iteration")
     parser.add_argument("--report", action="store_true", help="only gather finished runs into the report")
@@ -355,18 +396,20 @@ def main() -> None:
         print(json.dumps(speed))
         return
     if not args.report:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
         for name in args.data.split(","):
             for recipe in split_recipes(args.recipes):
-                if (RUNS / f"{name}__{run_name(recipe, args.iterations)}.json").is_file():
-                    print(f"{name} {recipe}: already measured, skipped")
-                    continue
-                print(f"{name} {recipe} ...", flush=True)
-                if recipe == "patchcore":
-                    result = run_patchcore(name, args.seed)
-                else:
-                    result = run_recipe(name, recipe, args.iterations, args.eval_every, args.batch_size, args.seed)
-                save_run(result)
-                print(f"{name} {recipe}: {result['final']}", flush=True)
+                for seed in seeds[:1] if recipe == "patchcore" else seeds:
+                    if (RUNS / f"{name}__{run_name(recipe, args.iterations, seed)}.json").is_file():
+                        print(f"{name} {recipe} seed {seed}: already measured, skipped")
+                        continue
+                    print(f"{name} {recipe} seed {seed} ...", flush=True)
+                    if recipe == "patchcore":
+                        result = run_patchcore(name, seed)
+                    else:
+                        result = run_recipe(name, recipe, args.iterations, args.eval_every, args.batch_size, seed)
+                    save_run(result)
+                    print(f"{name} {recipe} seed {seed}: {result['final']}", flush=True)
     report(meta)
 
 
