@@ -46,7 +46,7 @@ def patch_embeddings(backbone, images: torch.Tensor, batch_size: int = 8) -> tup
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, projection_dim: int = 128) -> torch.Tensor:
     """Indices of an approximately minimax-facility-location coreset (iterative farthest point)."""
-    count = max(1, int(round(fraction * bank.shape[0])))
+    count = max(1, round(fraction * bank.shape[0]))
     generator = torch.Generator().manual_seed(seed)
     if bank.shape[1] > projection_dim:
         projection = torch.randn(bank.shape[1], projection_dim, generator=generator) / projection_dim**0.5

@@ -260,17 +260,19 @@ def markdown_tables(runs: list[dict]) -> list[str]:
         references = {(r["data"], r["iterations"]): r for r in small if r["recipe"] == "fast"}
         rows = [_row(r, references.get((r["data"], r["iterations"])) if r["recipe"] != "fast" else None)
                 for r in sorted(small, key=lambda r: (r["data"], r["iterations"], r["recipe"] != "fast", r["recipe"]))]
-        lines += ["", "Ablations of the fast recipe at a smaller budget (in brackets: the change of the mean against "
-                  "`fast` at the same budget; `fast-no-X` switches change X back to the paper setting; ± is the "
-                  "standard deviation over the seeds listed, which is the yardstick for the changes):", ""] + table(rows)
+        caption = ("Ablations of the fast recipe at a smaller budget (in brackets: the change of the mean against "
+                   "`fast` at the same budget; `fast-no-X` switches change X back to the paper setting; ± is the "
+                   "standard deviation over the seeds listed, which is the yardstick for the changes):")
+        lines += ["", caption, ""] + table(rows)
     return lines
 
 
 def markdown(runs: list[dict], meta: dict) -> str:
     lines = [
         "# RealNet training recipes vs PatchCore (CPU budget)", "",
-        f"Machine: {meta['machine']}; threads per run: {meta['threads']}. Backbone {BACKBONE} (offline ImageNet weights), "
-        "256², DTD anomalies, batch 8, training seeds as listed; model reported = last iteration (never chosen on test).", "",
+        (f"Machine: {meta['machine']}; threads per run: {meta['threads']}. Backbone {BACKBONE} (offline ImageNet "
+         "weights), 256², DTD anomalies, batch 8, training seeds as listed; model reported = last iteration (never "
+         "chosen on test)."), "",
     ]
     return "\n".join(lines + markdown_tables(runs)) + "\n"
 
@@ -307,7 +309,7 @@ def draw_curves(runs: list[dict], path: Path) -> None:
                 draw.text((x0 - 30, y - 6), f"{value:.1f}", fill="black")
             draw.text((x1 - 40, y1 + 4), f"{max_it} it", fill="black")
 
-            def point(it, v):
+            def point(it, v, x0=x0, x1=x1, y0=y0, y1=y1):
                 return x0 + it / max_it * (x1 - x0), y1 - max(0.0, min(1.0, v)) * (y1 - y0)
 
             for run in runs:

@@ -88,8 +88,8 @@ def render_augment(data: dict) -> list[str]:
              f"{official} ms (full sample)" if i < 2 else "-",
              _ratio(official, ms.get(what)) if i < 2 else "-"]
             for i, what in enumerate(ms)]
-    lines = [f"Image {data.get('size')}², batch {data.get('batch')}, {data.get('threads')} thread; "
-             f"target <= 2.7 ms per sample (>= {data.get('target_samples_per_s', 365)} samples/s).", ""]
+    lines = [(f"Image {data.get('size')}², batch {data.get('batch')}, {data.get('threads')} thread; "
+              f"target <= 2.7 ms per sample (>= {data.get('target_samples_per_s', 365)} samples/s)."), ""]
     return lines + _table(["what", "ms / sample", "samples / s", "official", "speed-up"], rows)
 
 
@@ -104,8 +104,8 @@ def render_sdas(data: dict) -> list[str]:
                      _fmt(r.get("official_seconds_per_step"), ".2f"),
                      _ratio(r.get("official_seconds_per_step"), r.get("seconds_per_step")),
                      _fmt(r.get("peak_rss_mib"), ".0f")])
-    lines = [f"One UNet forward + one SDASScheduler step, {data.get('threads', 1)} thread, pinned: {data.get('pinned')}; "
-             "target: <= official.", ""]
+    lines = [(f"One UNet forward + one SDASScheduler step, {data.get('threads', 1)} thread, pinned: {data.get('pinned')}; "
+              "target: <= official."), ""]
     return lines + _table(["UNet", "batch", "s / step", "official s / step", "speed-up", "peak RSS MiB"], rows)
 
 
@@ -116,9 +116,9 @@ def render_diffusion_train(data: dict) -> list[str]:
              ("Adam + EMA", "optimizer_ema_s"), ("total", "total_s"))
     rows = [[label, _fmt(median.get(key), ".3f"), _fmt(anchor.get(key), ".2f"), _ratio(anchor.get(key), median.get(key))]
             for label, key in parts]
-    lines = [f"{data.get('preset')} UNet ({data.get('params_m')} M params), batch {data.get('batch')}, "
-             f"{data.get('image_size')}², {data.get('threads')} thread, median of {data.get('timed_steps')} steps; "
-             f"peak RSS {_fmt(data.get('peak_rss_mib'), '.0f')} MiB; target: <= official.", ""]
+    lines = [(f"{data.get('preset')} UNet ({data.get('params_m')} M params), batch {data.get('batch')}, "
+              f"{data.get('image_size')}², {data.get('threads')} thread, median of {data.get('timed_steps')} steps; "
+              f"peak RSS {_fmt(data.get('peak_rss_mib'), '.0f')} MiB; target: <= official."), ""]
     return lines + _table(["part", "ours s", "official s", "speed-up"], rows)
 
 
@@ -145,9 +145,9 @@ def render_metrics(data: dict) -> list[str]:
              ", ".join(f"{k} {v:.4f}" for k, v in r["value"].items()) if isinstance(r.get("value"), dict)
              else _fmt(r.get("value"), ".6f", ""), r.get("note", "")]
             for r in data.get("rows", [])]
-    lines = [f"{setup.get('maps')} maps of {setup.get('size')}² ({setup.get('defective')} defective), "
-             f"{setup.get('statistic', '')}; official: PRO 44.1 s (1000-threshold loop), anomalib AUPRO 1.13 s, "
-             "image + pixel AUROC 0.44 + 0.77 s; targets: PRO <= 0.5 s exact, both AUROCs <= 0.3 s.", ""]
+    lines = [(f"{setup.get('maps')} maps of {setup.get('size')}² ({setup.get('defective')} defective), "
+              f"{setup.get('statistic', '')}; official: PRO 44.1 s (1000-threshold loop), anomalib AUPRO 1.13 s, "
+              "image + pixel AUROC 0.44 + 0.77 s; targets: PRO <= 0.5 s exact, both AUROCs <= 0.3 s."), ""]
     lines += _table(["what", "wall s", "CPU s", "value", "note"], rows)
     differences = data.get("differences")
     if differences:
@@ -166,9 +166,9 @@ def render_recipe(data: dict) -> list[str]:
     sys.path.insert(0, str(HERE))
     from recipe import markdown_tables  # the same tables as benchmarks/out/recipe.md
 
-    lines = ["256², no crop, frozen tf_efficientnet_lite0 with the offline ImageNet weights, DTD anomalies, "
-             "batch 8, the LAST model (never chosen on test data); metrics at 256² (PRO to FPR 0.3). "
-             "Each run used one thread.", ""]
+    lines = [("256², no crop, frozen tf_efficientnet_lite0 with the offline ImageNet weights, DTD anomalies, "
+              "batch 8, the LAST model (never chosen on test data); metrics at 256² (PRO to FPR 0.3). "
+              "Each run used one thread."), ""]
     lines += markdown_tables(data.get("runs", []))
     lines += ["", "Official code on this machine kind (docs/performance-anchors.md), for reference:", ""]
     lines += _table(["method", "data", "image AUROC", "pixel AUROC", "PRO", "wall time"], ACCURACY_ANCHORS)
@@ -252,7 +252,7 @@ def run_benchmark(benchmark: Benchmark, log) -> bool:
     for command in benchmark.commands(sys.executable):
         log(f"running {' '.join(command[1:])}")
         started = time.perf_counter()
-        done = subprocess.run([*pin, *command], cwd=ROOT, env=env)
+        done = subprocess.run([*pin, *command], cwd=ROOT, env=env, check=False)
         log(f"  exit {done.returncode} after {time.perf_counter() - started:.0f} s")
         if done.returncode != 0:
             return False
@@ -264,17 +264,17 @@ def build_report(selected: list[Benchmark], ran: dict[str, bool], reuse: bool) -
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Benchmark results", "",
-        f"Generated {now} by `benchmarks/report.py{' --reuse' if reuse else ''}`. Each section is one "
-        "benchmark script; its JSON is in `benchmarks/out/`. \"official\" = the official RealNet code measured "
-        "on this machine kind with the same protocol (docs/performance-anchors.md); speed-up = official / ours.", "",
+        (f"Generated {now} by `benchmarks/report.py{' --reuse' if reuse else ''}`. Each section is one "
+         "benchmark script; its JSON is in `benchmarks/out/`. \"official\" = the official RealNet code measured "
+         "on this machine kind with the same protocol (docs/performance-anchors.md); speed-up = official / ours."), "",
         "## Machine and software", "",
-        f"- CPU: {info.get('cpu')} ({info.get('logical_cpus_in_machine')} logical CPUs in the machine, "
-        f"{info.get('usable_cores')} of them open to the report process), {info.get('ram_gib')} GiB RAM, {info.get('os')}",
-        f"- load average when this report was written: {info.get('load_average')} (the machine is shared; "
-        "CPU-time columns are the least disturbed figures)",
+        (f"- CPU: {info.get('cpu')} ({info.get('logical_cpus_in_machine')} logical CPUs in the machine, "
+         f"{info.get('usable_cores')} of them open to the report process), {info.get('ram_gib')} GiB RAM, {info.get('os')}"),
+        (f"- load average when this report was written: {info.get('load_average')} (the machine is shared; "
+         "CPU-time columns are the least disturbed figures)"),
         "- " + ", ".join(f"{k} {v}" for k, v in found.items()),
-        "- settings: one thread per benchmark (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), pinned with "
-        "`taskset -c 0` where available, fp32, medians after warm-up", "",
+        ("- settings: one thread per benchmark (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`), pinned with "
+         "`taskset -c 0` where available, fp32, medians after warm-up"), "",
     ]
     missing = []
     for benchmark in selected:
