@@ -11,11 +11,14 @@ as it finishes (so several processes can share the work and an interrupted bench
 measured); ``--report`` gathers them into ``benchmarks/out/recipe.{json,md}`` and the curves PNG
 (``benchmarks/recipe_curves.png``). Runs at the largest budget form the main table; runs at smaller
 budgets (the ablations of ``fast``, each beside ``fast`` at the same budget) form a second table.
+A recipe run at several ``--seeds`` shows the mean ± standard deviation over them. A finished run keeps
+its model and test maps in ``benchmarks/out/recipe_work/`` but not its resumable training states.
 
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --measure                 # s/iteration
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --data hazelnut_toy --recipes patchcore,fast,paper
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes fast,fast-no-ema,fast-no-grad-clip
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes "fast:segmentation_loss=focal"
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 200 --seeds 101,102 --recipes fast,fast-no-ema
     python benchmarks/recipe.py --report
 """
 
