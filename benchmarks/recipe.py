@@ -2,11 +2,11 @@
 
 Protocol (docs/performance-anchors.md, accuracy section): 256² without crop, frozen
 ``tf_efficientnet_lite0`` with the offline ImageNet weights, DTD anomalies, batch 8, a fixed budget
-of iterations, fixed seed, metrics at 256² (image AUROC, pixel AUROC, PRO up to FPR 0.3). The model
+of iterations, a fixed seed per run, metrics at 256² (image AUROC, pixel AUROC, PRO up to FPR 0.3). The model
 reported is the LAST one; the test set is evaluated every ``--eval-every`` iterations only to draw
 learning curves, never to pick a checkpoint.
 
-Each run is written to ``benchmarks/out/recipe_runs/<data>__<recipe>__<iterations>it.json`` as soon
+Each run is written to ``benchmarks/out/recipe_runs/<data>__<recipe>__<iterations>it[__seed<N>].json`` as soon
 as it finishes (so several processes can share the work and an interrupted benchmark keeps what it
 measured); ``--report`` gathers them into ``benchmarks/out/recipe.{json,md}`` and the curves PNG
 (``benchmarks/recipe_curves.png``). Runs at the largest budget form the main table; runs at smaller
