@@ -223,7 +223,6 @@ def aggregate(runs: list[dict]) -> list[dict]:
             "spread": dict(zip(METRICS, finals.std(axis=0, ddof=1).tolist())) if len(members) > 1 else None,
             "seconds_per_iteration": float(np.mean(speeds)) if speeds else None,
             "train_wall_seconds": float(np.mean([m.get("train_wall_seconds", 0) for m in members])),
-            "curve": members[0].get("curve", []),
         })
     return entries
 
@@ -367,6 +366,14 @@ def split_recipes(text: str) -> list[str]:
     return [r for r in text.split(";" if ";" in text or ":" in text else ",") if r]
 
 
+def seed_list(text: str) -> list[int]:
+    """``--seeds 100,101`` -> [100, 101]; argparse turns the ValueError into a one-line usage error."""
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+    if not seeds:
+        raise ValueError(text)
+    return seeds
+
+
 def save_run(result: dict) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / f"{result['data']}__{run_name(result['recipe'], result.get('iterations'), result.get('seed', DEFAULT_SEED))}.json"
@@ -384,7 +391,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seeds", default=str(DEFAULT_SEED),
+    parser.add_argument("--seeds", type=seed_list, default=[DEFAULT_SEED],
                         help="comma-separated training seeds; each recipe runs once per seed (PatchCore once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--measure", action="store_true", help="only measure seconds per iteration")
@@ -401,7 +408,7 @@ def main() -> None:
         print(json.dumps(speed))
         return
     if not args.report:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
+        seeds = args.seeds
         for name in args.data.split(","):
             for recipe in split_recipes(args.recipes):
                 for seed in seeds[:1] if recipe == "patchcore" else seeds:
