@@ -223,7 +223,11 @@ def test_other_float_precisions_are_cast_to_the_model_dtype(model, dtype):
     images = torch.rand(1, 3, 64, 64).to(dtype)
     out = model(images, clean_images=images)
     assert out.anomaly_map.dtype == torch.float32 and out.features[0].dtype == model.dtype == torch.float32
-    torch.testing.assert_close(out.anomaly_map, model(images.float()).anomaly_map, rtol=0, atol=0)
+    # Like with like: with clean images the backbone sees a batch of two, a different kernel call
+    # from a batch of one (on some CPUs that moves map values by ~1e-7), so both calls pass them.
+    as_float = model(images.float(), clean_images=images.float())
+    torch.testing.assert_close(out.anomaly_map, as_float.anomaly_map, rtol=0, atol=0)
+    torch.testing.assert_close(out.anomaly_map, model(images.float()).anomaly_map, rtol=1e-5, atol=1e-6)
     assert model.predict(images).anomaly_map.shape == (1, 1, 64, 64)
 
 
