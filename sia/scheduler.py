@@ -37,29 +37,48 @@ StrengthLike = float | torch.Tensor
 
 
 def learned_range_log_variance(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor,
-                               predicted_variance: torch.Tensor) -> torch.Tensor:
+                               predicted_variance: torch.Tensor,
+                               alpha_prod_t_next: torch.Tensor | None = None) -> torch.Tensor:
     """IDDPM learned-range log-variance between the posterior variance and beta for one (respaced) step.
 
     ``frac = (v + 1) / 2`` (not clamped, as in the official code) interpolates in log space between
-    ``log(beta~_t)`` (clamped at 1e-20) and ``log(beta_t)``, with ``beta_t = 1 - abar_t / abar_prev``.
+    ``log(beta~_t)`` and ``log(beta_t)``, with ``beta_t = 1 - abar_t / abar_prev``. The posterior
+    variance is 0 at the first step of the chain (``abar_prev = 1``); there IDDPM (and the official
+    code, and our training loss) uses the posterior variance of the following step, whose
+    ``abar`` is `alpha_prod_t_next` (a zero-dimensional or per-sample tensor; ``nan`` or None where there
+    is no following step, which falls back to a 1e-20 clamp).
     """
     current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
-    posterior_variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
-    min_log = torch.log(posterior_variance)
+    posterior_variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t
+    if alpha_prod_t_next is not None:
+        following = (1 - alpha_prod_t) / (1 - alpha_prod_t_next) * (1 - alpha_prod_t_next / alpha_prod_t)
+        first = (alpha_prod_t_prev >= 1) & ~torch.isnan(following)
+        posterior_variance = torch.where(first, following, posterior_variance)
+    min_log = torch.log(torch.clamp(posterior_variance, min=1e-20))
     max_log = torch.log(current_beta_t)
     frac = (predicted_variance + 1) / 2
     return frac * max_log + (1 - frac) * min_log
 
 
+def _gather_or_nan(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``alphas_cumprod[t]`` per timestep, ``nan`` where ``t`` is outside the table (no such step)."""
+    inside = (timesteps >= 0) & (timesteps < alphas_cumprod.shape[0])
+    values = alphas_cumprod[timesteps.clamp(0, alphas_cumprod.shape[0] - 1)]
+    return torch.where(inside, values, torch.full_like(values, float("nan")))
+
+
 def _per_sample_log_variance(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, previous: torch.Tensor,
-                             final_alpha_cumprod: torch.Tensor, predicted_variance: torch.Tensor) -> torch.Tensor:
-    """`learned_range_log_variance` for (B,) timesteps and their previous timesteps (-1: before the first)."""
+                             following: torch.Tensor, final_alpha_cumprod: torch.Tensor,
+                             predicted_variance: torch.Tensor) -> torch.Tensor:
+    """`learned_range_log_variance` for (B,) timesteps, their previous (-1: before the first) and following ones."""
     alpha_prod_t = alphas_cumprod[timesteps]
     alpha_prod_t_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)], final_alpha_cumprod)
+    alpha_prod_t_next = _gather_or_nan(alphas_cumprod, following)
     shape = (-1,) + (1,) * (predicted_variance.ndim - 1)
     device = predicted_variance.device
     return learned_range_log_variance(alpha_prod_t.reshape(shape).to(device),
-                                      alpha_prod_t_prev.reshape(shape).to(device), predicted_variance)
+                                      alpha_prod_t_prev.reshape(shape).to(device), predicted_variance,
+                                      alpha_prod_t_next.reshape(shape).to(device))
 
 
 def _strength_factor(anomaly_strength: StrengthLike, like: torch.Tensor, offset: float) -> torch.Tensor | float:
@@ -125,31 +144,31 @@ class SDASScheduler(DDPMScheduler):
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
 
-    def _previous_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Vectorised `previous_timestep` (respaced when `set_timesteps` was called, else t - 1)."""
+    def _neighbour_timesteps(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised previous and following timesteps of the chain (respaced after `set_timesteps`,
+        else t - 1 and t + 1); -1 before the first step, `num_train_timesteps` after the last."""
         if self.custom_timesteps or self.num_inference_steps:
             schedule = self.timesteps.to(timesteps.device)
             index = (schedule[None, :] == timesteps[:, None]).int().argmax(dim=1)
             if not bool((schedule[index] == timesteps).all()):
                 raise InputError(f"timesteps {timesteps.tolist()} are not all in the scheduler's timesteps")
-            following = torch.cat([schedule[1:], schedule.new_tensor([-1])])
-            return following[index]
-        return timesteps - 1
+            previous = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+            following = torch.cat([schedule.new_tensor([self.config.num_train_timesteps]), schedule[:-1]])
+            return previous[index], following[index]
+        return timesteps - 1, timesteps + 1
 
     def log_variance(self, t: int | torch.Tensor, predicted_variance: torch.Tensor) -> torch.Tensor:
         """Learned-range log Σθ at timestep `t` (int, 0-d tensor, or a (B,) tensor of per-sample timesteps).
 
         Uses the respaced step (t -> previous scheduled timestep) after `set_timesteps`, the plain
-        1000-step chain before. `predicted_variance` is the model's v output (B,C,H,W).
+        1000-step chain before. `predicted_variance` is the model's v output (B,C,H,W). At the last
+        step (t = 0, zero posterior variance) the lower end is the following step's posterior
+        variance, as in the official sampler and the training loss; sampling adds no noise there.
         """
-        if not isinstance(t, torch.Tensor) or t.ndim == 0:
-            t_int = int(t)
-            prev_t = int(self.previous_timestep(t_int))
-            alpha_prod_t = self.alphas_cumprod[t_int]
-            alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-            return learned_range_log_variance(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
-        timesteps = t.detach().long().cpu()
-        return _per_sample_log_variance(self.alphas_cumprod, timesteps, self._previous_timesteps(timesteps), self.one,
+        scalar = not isinstance(t, torch.Tensor) or t.ndim == 0
+        timesteps = torch.tensor([int(t)]) if scalar else t.detach().long().cpu()  # one step broadcasts over B
+        previous, following = self._neighbour_timesteps(timesteps)
+        return _per_sample_log_variance(self.alphas_cumprod, timesteps, previous, following, self.one,
                                         predicted_variance)
 
     def step(
@@ -240,15 +259,10 @@ class SDASDDIMScheduler(DDIMScheduler):
         if self.num_inference_steps is None:
             raise InputError("call set_timesteps(num_inference_steps) before log_variance")
         stride = self.config.num_train_timesteps // self.num_inference_steps
-        if not isinstance(t, torch.Tensor) or t.ndim == 0:
-            t_int = int(t)
-            prev_t = t_int - stride
-            alpha_prod_t = self.alphas_cumprod[t_int]
-            alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-            return learned_range_log_variance(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
-        timesteps = t.detach().long().cpu()
-        return _per_sample_log_variance(self.alphas_cumprod, timesteps, timesteps - stride, self.final_alpha_cumprod,
-                                        predicted_variance)
+        scalar = not isinstance(t, torch.Tensor) or t.ndim == 0
+        timesteps = torch.tensor([int(t)]) if scalar else t.detach().long().cpu()  # one step broadcasts over B
+        return _per_sample_log_variance(self.alphas_cumprod, timesteps, timesteps - stride, timesteps + stride,
+                                        self.final_alpha_cumprod, predicted_variance)
 
     def step(
         self,

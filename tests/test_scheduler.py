@@ -193,3 +193,40 @@ def test_ddim_log_variance_matches_an_independent_formula():
     batched = scheduler.log_variance(torch.tensor([950, 500, 50]), v.float().expand(3, 3, 2, 2))
     for row, t in enumerate((950, 500, 50)):
         torch.testing.assert_close(batched[row], scheduler.log_variance(t, v.float())[0])
+
+
+@pytest.mark.parametrize("scheduler_class", [SDASScheduler, SDASDDIMScheduler])
+def test_last_step_log_variance_uses_the_following_steps_posterior_variance(scheduler_class):
+    """At t = 0 the posterior variance is 0; like the official sampler, the lower end of the learned
+    range is the posterior variance of the following respaced step (t = 50), not a 1e-20 clamp."""
+    _, abar_kept, abar_prev, betas = _spec_respaced_schedule()
+    following = betas[1] * (1 - abar_prev[1]) / (1 - abar_kept[1])
+    scheduler = scheduler_class()
+    scheduler.set_timesteps(20)
+    v = torch.linspace(-1.3, 1.3, 12).reshape(1, 3, 2, 2)
+    frac = (v.double() + 1) / 2
+    expected = frac * math.log(betas[0]) + (1 - frac) * math.log(following)
+    torch.testing.assert_close(scheduler.log_variance(0, v).double(), expected, rtol=0, atol=3e-4)
+    lowest = scheduler.log_variance(0, -torch.ones(1, 1, 1, 1)).item()
+    assert lowest == pytest.approx(math.log(following), abs=3e-4) and round(lowest, 2) == -9.21
+    batched = scheduler.log_variance(torch.tensor([50, 0]), v.expand(2, 3, 2, 2))
+    torch.testing.assert_close(batched[1], scheduler.log_variance(0, v)[0])
+    torch.testing.assert_close(batched[0], scheduler.log_variance(50, v)[0])
+
+
+def test_unrespaced_log_variance_equals_the_training_loss_variance_at_every_timestep():
+    """Sampler and training loss interpolate between the same ends, t = 0 included."""
+    from sia.diffusion_loss import DiffusionCoefficients
+
+    scheduler = SDASScheduler()
+    tables = DiffusionCoefficients.from_scheduler(scheduler)
+    timesteps = torch.tensor([0, 1, 2, 500, 998, 999])
+    v = torch.linspace(-1, 1, 6).reshape(6, 1, 1, 1).expand(6, 3, 2, 2)
+    frac = (v.double() + 1) / 2
+    expected = (frac * tables.betas[timesteps].log().view(-1, 1, 1, 1)
+                + (1 - frac) * tables.posterior_log_variance_clipped[timesteps].view(-1, 1, 1, 1))
+    # float32 diffusers tables against float64 ones: 1 - abar near t = 0 loses ~1e-4 relative
+    torch.testing.assert_close(scheduler.log_variance(timesteps, v).double(), expected, rtol=0, atol=1e-3)
+    for row, t in enumerate(timesteps.tolist()):
+        torch.testing.assert_close(scheduler.log_variance(t, v[row:row + 1]).double(), expected[row:row + 1],
+                                   rtol=0, atol=1e-3)
