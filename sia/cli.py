@@ -61,7 +61,8 @@ def generate_command(
     output: Annotated[Path, typer.Option(help="Dataset folder (imagefolder layout: OUTPUT/<category>/*.png + metadata.jsonl). Re-running resumes.")] = Path("sia-images"),
     strength: Annotated[str, typer.Option(
         help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
-             "(s ~ U(MIN, MAX) per image; official: 0.1 0.2).")] = "0.1,0.2",
+             "(s ~ U(MIN, MAX) per image; official: 0.1 0.2). The ddpm sampler is meant for s up to about 0.5, "
+             "ddim for 0.01-0.03 (warned above 0.1); larger values run but leave the product behind.")] = "0.1,0.2",
     num_images: Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
     seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly; to add new images to a set, use a far-away seed (e.g. 1000000), since seed 1 repeats images 1.. of seed 0.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
@@ -248,3 +249,7 @@ def demo_command(
     from .demo import run_demo
 
     run_demo(out=out, preset=preset, seed=seed, overwrite=overwrite, echo=typer.echo)
+
+
+if __name__ == "__main__":
+    app()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 
 from .categories import DATASET_CATEGORIES, resolve_dataset
 from .errors import InputError
+from .outputs import check_replaceable, files_under, partial_folder, swap_in
+from .paths import separate_output, writable_folder_path
 
 __all__ = [
     "load_official_checkpoint",
@@ -49,6 +52,10 @@ class _EasyDictStandIn:
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return OrderedDict()
 
+
+#: Marks a folder written by `convert_official_sia` (its generation.json), so --overwrite knows its own output.
+OFFICIAL_SIA_GENERATOR = "official RealNet SDAS release (cnulab/RealNet)"
+GENERATION_FILE = "generation.json"
 
 _SAFE_GLOBALS = [(_EasyDictStandIn, "easydict.EasyDict")]
 
@@ -364,9 +371,9 @@ def convert_official_sdas(
     the checkpoint's class embeddings. The pipeline uses the default `SDASScheduler` (T=1000,
     linear betas, learned-range variance), the schedule the official model was trained with.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise InputError(f"{output_dir}: output folder is not empty (pass overwrite=True / --overwrite)")
+    output_dir = writable_folder_path(output_dir, "output_dir")
+    separate_output(output_dir, [checkpoint], "output_dir")
+    check_replaceable(output_dir, overwrite, _pipeline_files(output_dir), "output_dir", "sia convert-official")
     state, metadata = load_official_checkpoint(checkpoint)
     unet = convert_adm_unet(state, sample_size=sample_size, num_head_channels=num_head_channels, source=str(checkpoint))
     if categories is None:
@@ -379,22 +386,40 @@ def convert_official_sdas(
         raise InputError(f"{checkpoint}: the checkpoint has {classes} classes but {len(categories)} categories were given "
                          f"({', '.join(categories)})")
 
+    from .cards import write_model_card
     from .pipeline import SDASPipeline
     from .scheduler import SDASScheduler
 
     pipe = SDASPipeline(unet=unet, scheduler=SDASScheduler(), categories=list(categories))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(output_dir)
-    from .cards import write_model_card
-
     facts = {
         "dataset": dataset, "categories": list(categories), "image_size": sample_size,
         "source": f"converted from the official RealNet checkpoint {Path(checkpoint).name}"
                   + (f" (epoch {metadata['epoch']})" if "epoch" in metadata else ""),
     }
     facts.update(card_facts or {})
-    write_model_card(output_dir, "sdas", **facts)
+    partial = partial_folder(output_dir)
+    try:
+        pipe.save_pretrained(partial)
+        write_model_card(partial, "sdas", **facts)
+        swap_in(partial, output_dir)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
     return output_dir
+
+
+def _pipeline_files(folder: Path) -> list[Path]:
+    """Files of an SDASPipeline saved in `folder` (its model_index.json, card and component folders)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(index, dict) or index.get("_class_name") != "SDASPipeline":
+        return []
+    components = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+                  and (folder / name).is_dir() and name == Path(name).name]
+    return [Path("model_index.json"), Path("README.md")] + [
+        Path(name) / file for name in components for file in files_under(folder / name)]
 
 
 def convert_official_sia(
@@ -410,40 +435,63 @@ def convert_official_sia(
     The official sampler recorded neither the strength (drawn per batch of 16 from U(0.1, 0.2))
     nor a seed, so both are null.
     """
-    import shutil
-
     from .hub import write_sia_metadata
     from .images import IMAGE_EXTENSIONS
 
-    source, output_dir = Path(source), Path(output_dir)
+    source = Path(source)
     if not source.is_dir():
         raise InputError(f"{source}: official SIA folder does not exist")
+    output_dir = writable_folder_path(output_dir, "output_dir")
+    separate_output(output_dir, [source], "output_dir")
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if dataset is not None:
         dataset = resolve_dataset(dataset)
         unknown = [p.name for p in folders if p.name not in DATASET_CATEGORIES[dataset]]
         if unknown:
             raise InputError(f"{source}: folders {', '.join(unknown)} are not {dataset} categories")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"{output_dir}: output folder is not empty (pass overwrite=True / --overwrite)")
-        shutil.rmtree(output_dir)
-    rows = []
-    for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            continue
-        (output_dir / folder.name).mkdir(parents=True, exist_ok=True)
-        for path in files:
-            shutil.copyfile(path, output_dir / folder.name / path.name)
-            rows.append({"file_name": f"{folder.name}/{path.name}", "category": folder.name,
-                         "strength": None, "seed": None})
-    if not rows:
+    check_replaceable(output_dir, overwrite, _converted_sia_files(output_dir), "output_dir", "sia convert-official")
+    found = [(folder, sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+             for folder in folders]
+    found = [(folder, files) for folder, files in found if files]
+    if not found:
         raise InputError(f"{source}: no images found (expected <category>/*.jpg as in the official release)")
-    write_sia_metadata(output_dir, rows)
-    (output_dir / "generation.json").write_text(json.dumps({
-        "generator": "official RealNet SDAS release (cnulab/RealNet)", "sampler": "IDDPM, 20 respaced steps",
-        "strength": "U(0.1, 0.2) per batch of 16, not recorded per image", "format": "JPEG (quality 75)",
-        **({"dataset": dataset} if dataset else {}),
-    }, indent=2), encoding="utf-8")
+    partial = partial_folder(output_dir)
+    try:
+        rows = []
+        for folder, files in found:
+            (partial / folder.name).mkdir()
+            for path in files:
+                shutil.copyfile(path, partial / folder.name / path.name)
+                rows.append({"file_name": f"{folder.name}/{path.name}", "category": folder.name,
+                             "strength": None, "seed": None})
+        write_sia_metadata(partial, rows)
+        (partial / GENERATION_FILE).write_text(json.dumps({
+            "generator": OFFICIAL_SIA_GENERATOR, "sampler": "IDDPM, 20 respaced steps",
+            "strength": "U(0.1, 0.2) per batch of 16, not recorded per image", "format": "JPEG (quality 75)",
+            **({"dataset": dataset} if dataset else {}),
+        }, indent=2), encoding="utf-8")
+        swap_in(partial, output_dir)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
     return output_dir
+
+
+def _converted_sia_files(folder: Path) -> list[Path]:
+    """Files an earlier `convert_official_sia` wrote into `folder`, from its generation.json and metadata."""
+    try:
+        generation = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
+        lines = (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(generation, dict) or generation.get("generator") != OFFICIAL_SIA_GENERATOR:
+        return []
+    owned = [Path(GENERATION_FILE), Path("metadata.jsonl")]
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+            owned.append(Path(row["file_name"]))
+    return owned

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from .categories import DATASET_CATEGORIES
 from .errors import InputError
 from .images import IMAGE_EXTENSIONS, list_images, load_image_tensor
+from .paths import path_component
 
 NORMAL_TRAIN_SUBFOLDERS = (("train", "good"), ("train", "ok"))
 #: Sub-folders of a benchmark category that hold defects or masks, never normal training images.
@@ -80,7 +81,8 @@ def discover_training_images(root: str | Path, categories: list[str] | None = No
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"--data {root}: no such folder")
-    categories = [c.strip() for c in categories or [] if c.strip()]
+    # every name becomes a folder of `sia generate` and a class of the saved pipeline
+    categories = [path_component(c.strip(), "--categories") for c in categories or [] if c.strip()]
     if len(set(categories)) != len(categories):
         raise InputError(f"--categories: duplicate names in {','.join(categories)}")
     own_split = any(root.joinpath(*parts).is_dir() for parts in NORMAL_TRAIN_SUBFOLDERS)

@@ -26,6 +26,7 @@ skipped and every file is written to a temporary name first, then renamed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,14 +36,23 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InputError, whole_number
+from .paths import inside, separate_output, writable_folder_path
 from .pipeline import SDASPipeline
 
-__all__ = ["generate_dataset", "load_generation_pipeline", "resolve_model", "GenerationSummary", "parse_strength", "parse_categories"]
+__all__ = ["generate_dataset", "load_generation_pipeline", "resolve_model", "GenerationSummary", "parse_strength",
+           "parse_categories", "parse_device", "strength_warning", "STRENGTH_WARN_ABOVE"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SETTINGS_KEYS = ("model", "revision", "sampler", "steps", "strength", "seed", "dtype")
 #: torch generators take seeds in [0, 2**64); every ``seed + i`` of a run must fit.
 MAX_SEED = 2**64 - 1
+#: Largest strength each sampler is meant for, with the range it was made for. The official SDAS
+#: sampler draws s ~ U(0.1, 0.2); its DDIM variant is used with s in 0.01-0.03. Larger strengths
+#: run, but every step's variance grows to (1 + s) times the model's, so the samples soon stop
+#: looking like the product: above these limits a warning is logged.
+STRENGTH_WARN_ABOVE = {"ddpm": (0.5, "0.1-0.2"), "ddim": (0.1, "0.01-0.03")}
 
 
 @dataclass
@@ -76,6 +86,31 @@ def parse_strength(values: float | str | Sequence[float | str]) -> tuple[float, 
         if numbers[0] == numbers[1]:
             numbers = numbers[:1]
     return numbers
+
+
+def strength_warning(strengths: Sequence[float], sampler: str) -> str | None:
+    """A one-line warning when the largest strength exceeds what `sampler` is meant for, else None."""
+    limit, usual = STRENGTH_WARN_ABOVE.get(sampler.lower(), (None, None))
+    if limit is None or max(strengths) <= limit:
+        return None
+    return (f"warning: --strength {max(strengths):g} is above the range the {sampler.lower()} sampler is meant for "
+            f"(official {usual}, warned above {limit:g}); the samples will hardly look like the product")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` as a `torch.device` this machine can use (None stays None); InputError naming --device otherwise."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {device!r}: not a device name (expected e.g. cpu, cuda, cuda:1, mps)") from None
+    try:
+        torch.empty(0, device=parsed)
+    except Exception as err:  # noqa: BLE001 - no driver, not compiled in, bad ordinal: all mean "not here"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--device {device}: not available on this machine ({reason}); use --device cpu") from None
+    return parsed
 
 
 def parse_categories(values: str | Sequence[str]) -> list[str]:
@@ -238,18 +273,26 @@ def generate_dataset(
                          f"got {seed}")
     strengths = parse_strength(strength)
     names = parse_categories(categories)
+    device = parse_device(device)
+    output = writable_folder_path(output, "--output")
     state = PartialState()
     model = resolve_model(model, names)
+    if Path(model).is_dir():  # images written into the model folder would mix with its files
+        separate_output(output, [model], "--output")
     pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device or state.device, dtype)
     pipe.use_sampler(sampler)
+    warning = strength_warning(strengths, sampler)
+    if warning and state.is_main_process:
+        logger.warning(warning)
     pipe.set_progress_bar_config(disable=True)
     max_steps = int(pipe.scheduler.config.num_train_timesteps)
     if steps > max_steps:
         raise InputError(f"--steps must be at most {max_steps} (the model's num_train_timesteps), got {steps}")
     # De-duplicate after resolving: "bottle" and "mvtec-ad/bottle" are the same category.
     names = list(dict.fromkeys(pipe.categories[pipe.category_id(n)] for n in names))
+    for name in names:  # the pipeline holds plain names; a category folder must still stay in --output
+        inside(output, name, "--category")
 
-    output = Path(output)
     settings = {"model": model_id, "revision": resolved_revision, "sampler": sampler.lower(), "steps": steps,
                 "strength": list(strengths), "seed": seed, "dtype": dtype}
     settings_path = output / ".sia" / "settings.json"

@@ -32,6 +32,8 @@ from typing import Any
 from .categories import DATASET_CATEGORIES, resolve_dataset
 from .errors import InputError
 from .images import IMAGE_EXTENSIONS
+from .outputs import check_replaceable, files_under, partial_folder, swap_in
+from .paths import inside, path_component, separate_output, writable_folder_path
 
 __all__ = [
     "DEFAULT_SIA_REPOS",
@@ -189,12 +191,26 @@ def _metadata_rows(root: Path, files: list[Path]) -> Iterator[tuple[Path, int, d
                     raise InputError(f"{meta}:{number}: not a JSON line") from None
                 if not isinstance(row, dict) or "file_name" not in row:
                     raise InputError(f"{meta}:{number}: expected an object with 'file_name'")
-                image = meta.parent / row["file_name"]
-                relative = image.relative_to(root)
+                image, relative = _member(root, meta, number, "file_name", row["file_name"])
                 category = row.get("category")
                 if category is None:
                     category = relative.parts[0] if len(relative.parts) > 1 else meta.parent.name
-                yield meta, number, row, image, str(category)
+                # a category becomes a folder name (staging's data/<category>/), so it must be a plain name
+                yield meta, number, row, image, path_component(str(category), f"{meta}:{number}: category")
+
+
+def _member(root: Path, meta: Path, number: int, key: str, value: object) -> tuple[Path, Path]:
+    """(path, path relative to `root`) of an image a metadata row names; InputError if it is not an image
+    file inside the set. The check is on the names (symlinked files, as in the Hub cache, stay valid)."""
+    where = f"{meta}:{number}: {key}"
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{where}: expected a file name relative to {meta.parent}, got {value!r}")
+    relative = Path(os.path.normpath(meta.parent.relative_to(root) / value))
+    if relative.is_absolute() or relative.parts[:1] == ("..",) or relative == Path("."):
+        raise InputError(f"{where} {value!r}: must name a file inside the set {root}")
+    if relative.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise InputError(f"{where} {value!r}: not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    return root / relative, relative
 
 
 def _read_metadata(root: Path, files: list[Path], category: str | None = None) -> list[_Record]:
@@ -206,7 +222,7 @@ def _read_metadata(root: Path, files: list[Path], category: str | None = None) -
             continue
         if not image.is_file():
             raise InputError(f"{meta}:{number}: image {row['file_name']!r} does not exist")
-        mask = meta.parent / row["mask_file_name"] if row.get("mask_file_name") else None
+        mask = _member(root, meta, number, "mask_file_name", row["mask_file_name"])[0] if row.get("mask_file_name") else None
         if mask is not None and not mask.is_file():
             raise InputError(f"{meta}:{number}: mask {row['mask_file_name']!r} does not exist")
         extra = {k: v for k, v in row.items() if k not in _SKIPPED_KEYS | {"category", "strength", "seed"}
@@ -294,7 +310,7 @@ def _normalise_category(category: str | None) -> str | None:
     if category is None:
         return None
     text = str(category).strip()
-    return text.split("/", 1)[1] if "/" in text else text
+    return path_component(text.split("/", 1)[1] if "/" in text else text, "category")
 
 
 def load_sia(
@@ -484,13 +500,9 @@ def stage_sia_dataset(
         raise InputError(f"{source}: SIA folder does not exist")
     if _folder_kind(source) == "parquet":
         raise InputError(f"{source}: already in parquet layout; upload it as it is")
-    src, dst = source.resolve(), staging.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise InputError(f"{staging}: the staging folder must lie outside the SIA folder {source} (and not contain it)")
-    if staging.exists() and not staging.is_dir():
-        raise InputError(f"{staging}: exists and is not a folder")
-    if staging.is_dir() and any(staging.iterdir()) and not overwrite:
-        raise InputError(f"{staging}: staging folder is not empty (pass overwrite=True / --overwrite)")
+    writable_folder_path(staging, "staging_dir")
+    separate_output(staging, [source], "staging_dir")
+    check_replaceable(staging, overwrite, _staged_files(staging), "staging_dir", "sia push --stage-only")
     records = _records(source)
     by_category: dict[str, list[_Record]] = {}
     for record in records:
@@ -516,11 +528,10 @@ def stage_sia_dataset(
     limit = _parse_size(max_shard_size)
     # Built next to the target (same file system, so the final renames are atomic) and swapped in
     # only when complete: a failure leaves an earlier staging folder as it was.
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{staging.name}.partial-", dir=staging.parent))
+    partial = partial_folder(staging)
     try:
         for name, items in by_category.items():
-            _write_category_shards(partial / "data" / name, items, has_mask, limit)
+            _write_category_shards(inside(partial / "data", name, "category"), items, has_mask, limit)
         strengths = [r.strength for r in records if r.strength is not None]
         from .cards import render_dataset_card
 
@@ -532,27 +543,18 @@ def stage_sia_dataset(
             columns=list(STANDARD_COLUMNS) + (["mask"] if has_mask else []), license=license,
         )
         (partial / "README.md").write_text(str(card), encoding="utf-8")
-        _swap_in(partial, staging)
+        swap_in(partial, staging)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return staging
 
 
-def _swap_in(new: Path, target: Path) -> None:
-    """Replace `target` (absent, empty or an earlier staging) by the complete folder `new`."""
-    if not target.exists():
-        new.replace(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    target.replace(old)
-    try:
-        new.replace(target)
-    except OSError:
-        old.replace(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _staged_files(folder: Path) -> list[Path]:
+    """Files an earlier staging wrote into `folder`: its card and the parquet shards under data/."""
+    data = folder / "data"
+    shards = [Path("data") / p for p in files_under(data) if p.suffix == ".parquet"] if data.is_dir() else []
+    return [Path("README.md")] + shards
 
 
 def _guess_dataset(by_category: Mapping[str, list[_Record]]) -> str | None:
@@ -605,21 +607,33 @@ def push_sia_dataset(
 
     Creates the repo (and the branch `revision`) when missing. Returns the commit URL.
     """
+    import huggingface_hub.constants
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if not _looks_like_repo_id(repo_id):
         raise InputError(f"repo_id {repo_id!r}: expected ORG/NAME")
+    offline = InputError(f"repo_id {repo_id}: cannot upload while HF_HUB_OFFLINE is set; unset it, or build the "
+                         "upload locally with --stage-only")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:  # known before staging, which can take long
+        raise offline
     with tempfile.TemporaryDirectory(prefix="sia-push-") as tmp:
         staging = stage_sia_dataset(source, Path(tmp) / "staging", dataset=dataset, repo_id=repo_id,
                                     revision=revision, max_shard_size=max_shard_size, generation=generation,
                                     license=license)
         api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
-        info = api.upload_folder(
-            folder_path=str(staging), repo_id=repo_id, repo_type="dataset", revision=revision,
-            commit_message=commit_message or f"Upload SIA set from {Path(source).name}",
-            delete_patterns=["data/**"],
-        )
+        try:
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+            if revision:
+                api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+            info = api.upload_folder(
+                folder_path=str(staging), repo_id=repo_id, repo_type="dataset", revision=revision,
+                commit_message=commit_message or f"Upload SIA set from {Path(source).name}",
+                delete_patterns=["data/**"],
+            )
+        except OfflineModeIsEnabled:
+            raise offline from None
+        except HfHubHTTPError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"repo_id {repo_id}: the Hub refused the upload ({first_line})") from None
     return str(getattr(info, "commit_url", info))

@@ -19,9 +19,12 @@ are one level brighter here than in the official release (which is also JPEG, no
 from __future__ import annotations
 
 import inspect
+import json
 import numbers
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -31,6 +34,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InputError, whole_number
+from .paths import path_component
 from .scheduler import make_scheduler
 from .unets import build_unet
 
@@ -76,6 +80,36 @@ def _draw_uniform(count: int, generator: GeneratorLike) -> torch.Tensor:
     return torch.rand(count, generator=generator, device=device).cpu()
 
 
+#: Weight files that would have to be unpickled; SDASPipeline never loads them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_model_index(folder: Path) -> None:
+    """InputError naming `folder/model_index.json` if it is missing, unreadable or lists unsafe categories."""
+    path = folder / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{folder}: no model_index.json (expected a saved SDASPipeline folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable ({type(err).__name__}); expected the JSON config of an SDASPipeline") from None
+    if not isinstance(index, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    categories = index.get("categories", [])
+    if not isinstance(categories, list):
+        raise InputError(f"{path}: categories must be a list of names, got {categories!r}")
+    for name in categories:
+        path_component(name, f"{path}: category")
+    components = [key for key, value in index.items() if not key.startswith("_") and key != "categories"
+                  and isinstance(value, list) and len(value) == 2 and key == Path(key).name]
+    for component in components:
+        files = list((folder / component).glob("*"))
+        pickled = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+        if pickled and not any(p.suffix == ".safetensors" for p in files):
+            raise InputError(f"{folder / component}: weights {', '.join(pickled)} are pickled; only safetensors weights "
+                             "are loaded (re-save the pipeline with save_pretrained, which writes safetensors)")
+
+
 class SDASPipeline(DiffusionPipeline):
     """Strength-controllable Diffusion Anomaly Synthesis (RealNet's SDAS) for any category of the model.
 
@@ -92,13 +126,34 @@ class SDASPipeline(DiffusionPipeline):
         num_classes = getattr(unet.config, "num_class_embeds", None)
         if categories is None:
             categories = [str(i) for i in range(num_classes or 1)]
-        categories = [str(c) for c in categories]
+        categories = [path_component(str(c), "categories") for c in categories]  # each names an output folder
         if len(set(categories)) != len(categories):
             raise InputError(f"categories must be unique, got {categories}")
         if num_classes is not None and num_classes < len(categories):
             raise InputError(f"the UNet has {num_classes} class embeddings but {len(categories)} categories were given")
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(categories=categories)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SDASPipeline:
+        """`DiffusionPipeline.from_pretrained`, reading weights from safetensors only (never unpickling).
+
+        A local folder is checked first, so a damaged ``model_index.json``, a category that is not a
+        plain name or pickled ``.bin`` weights are one-line InputErrors naming the folder.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise InputError("use_safetensors=False: SDASPipeline loads safetensors weights only")
+        kwargs["use_safetensors"] = True
+        folder = Path(os.fspath(pretrained_model_name_or_path))
+        if not folder.is_dir():
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        _check_model_index(folder)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{folder}: cannot load the pipeline ({first_line}); only safetensors weights are "
+                             "loaded, pickled .bin weights never are: re-save them with save_pretrained") from None
 
     @classmethod
     def from_unet_preset(cls, preset: str, categories: Sequence[str], sample_size: int | None = None,

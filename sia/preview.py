@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from .errors import InputError
 from .images import list_images, load_image_tensor, tensor_to_pil
+from .paths import separate_output, writable_file_path
 from .synthesizer import AnomalySynthesizer
 
 HEADER_HEIGHT = 20
@@ -64,19 +65,34 @@ def render_preview(
     return grid
 
 
+def _source_folder(source: str) -> Path | None:
+    """The local folder an anomaly source spec reads (``sia:PATH``, ``dtd:PATH`` or a folder), if any."""
+    text = str(source)
+    for prefix in ("sia:", "dtd:"):
+        if text.lower().startswith(prefix):
+            text = text[len(prefix):]
+    path = Path(text).expanduser()
+    return path if path.exists() else None
+
+
 def save_preview(out: str | Path, overwrite: bool = False, **kwargs) -> Path:
     """Render a preview grid (see :func:`render_preview`) and write it atomically as PNG.
 
-    An existing ``out`` is an InputError unless ``overwrite`` is set.
+    An existing ``out`` is an InputError unless ``overwrite`` is set; an ``out`` that is a folder,
+    lies under a file, or lies inside the images or source folder is refused before rendering.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: file exists (use --overwrite to replace it)")
+    out = writable_file_path(out, "--out")
     if out.suffix.lower() != ".png":
         raise InputError(f"--out {out}: expected a .png file name")
+    separate_output(out, [kwargs.get("images"), _source_folder(kwargs.get("source", ""))], "--out")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out}: file exists (use --overwrite to replace it)")
     image = render_preview(**kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -44,6 +44,7 @@ import torch
 from .diffusion_data import NormalImageDataset, batch_keys, discover_training_images, mix_seed
 from .diffusion_loss import DiffusionCoefficients, add_noise, hybrid_loss
 from .errors import InputError
+from .paths import separate_output, writable_folder_path
 from .unets import UNET_PRESETS, unet_config
 
 DEFAULT_MAX_STEPS = 10_000
@@ -519,7 +520,9 @@ def train_diffusion(config: DiffusionTrainingConfig) -> Path:
     from .scheduler import SDASScheduler
 
     config.validate()
-    out = Path(config.output_dir)
+    out = writable_folder_path(config.output_dir, "--output")
+    init_folder = [config.init_from] if config.init_from and Path(config.init_from).exists() else []
+    separate_output(out, [config.data_dir, *init_folder], "--output")  # --overwrite must never delete an input
     accelerator = _make_accelerator(config)
     resume_from = _prepare_output(config, out, accelerator.num_processes)
     categories, items = discover_training_images(config.data_dir, config.categories)
