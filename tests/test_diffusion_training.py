@@ -267,13 +267,6 @@ def test_resume_refuses_another_world_size_or_precision_and_skips_a_torn_log_lin
     assert [r["step"] for r in _log(out)] == [1, 2, 3]
 
 
-def test_truncate_log_keeps_complete_records_up_to_the_checkpoint(tmp_path: Path):
-    path = tmp_path / "train_log.jsonl"
-    path.write_text('{"step": 1}\n\n{"step": 2}\nnot json\n[3]\n{"step": 3}\n{"step": 2, "lo')
-    training._truncate_log(path, 2)
-    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
-
-
 # ------------------------------------------------------------------ EMA and clipping
 
 
@@ -287,8 +280,8 @@ def test_ema_update_moves_by_one_minus_decay_and_converges_to_the_model():
         model[1].running_mean.fill_(7.0)
     ema.update(model)
     for name, param in model.named_parameters():
-        torch.testing.assert_close(ema.state_dict()[name], (start[name] + param) / 2)
-    assert torch.equal(ema.state_dict()["1.running_mean"], torch.full((2,), 7.0))  # buffers are copied
+        torch.testing.assert_close(ema.shadow[name], (start[name] + param) / 2)
+    assert torch.equal(ema.shadow["1.running_mean"], torch.full((2,), 7.0))  # buffers are copied
     assert all(not p.requires_grad for p in ema.model.parameters()) and not ema.model.training
 
     slow = training.EMAWeights(model, decay=0.9)
@@ -298,7 +291,7 @@ def test_ema_update_moves_by_one_minus_decay_and_converges_to_the_model():
     gaps = []
     for _ in range(200):
         slow.update(model)
-        gaps.append(max((slow.state_dict()[n] - p).abs().max().item() for n, p in model.named_parameters()))
+        gaps.append(max((slow.shadow[n] - p).abs().max().item() for n, p in model.named_parameters()))
     assert gaps[-1] < 1e-6 * max(1.0, gaps[0]) and gaps[1] == pytest.approx(0.9 * gaps[0], rel=1e-4)
 
 
@@ -327,3 +320,46 @@ def test_gradients_are_clipped_to_max_grad_norm_before_each_update(toy_data: Pat
     clipped = _gradient_norms_at_each_update(_config(toy_data, tmp_path / "clip", max_steps=3, max_grad_norm=limit,
                                                      gradient_accumulation_steps=2))
     assert len(clipped) == 3 and all(limit * 0.99 < n <= limit * (1 + 1e-4) for n in clipped), clipped
+
+
+def test_fp16_on_the_cpu_is_refused_as_realnet_train_refuses_it(toy_data: Path, tmp_path: Path):
+    with pytest.raises(InputError, match="--mixed-precision fp16: needs a GPU") as info:
+        train_diffusion(_config(toy_data, tmp_path / "run", max_steps=1, mixed_precision="fp16", cpu=True))
+    assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
+
+
+def test_a_moved_run_resumes(toy_data: Path, tmp_path: Path):
+    real_loss, calls = training.hybrid_loss, {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    training.hybrid_loss = dying_loss
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_diffusion(_config(toy_data, tmp_path / "before", max_steps=3, checkpoint_every=1))
+    finally:
+        training.hybrid_loss = real_loss
+    (tmp_path / "before").rename(tmp_path / "after")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    train_diffusion(_config(toy_data, tmp_path / "after", max_steps=3, checkpoint_every=1, resume=True))
+    assert [r["step"] for r in _log(tmp_path / "after")] == [1, 2, 3]
+    assert json.loads((tmp_path / "after" / "training_config.json").read_text())["output_dir"] == str(tmp_path / "after")
+
+
+def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(toy_data: Path, tmp_path: Path):
+    image = toy_data / "cable" / "train" / "good" / "001.png"
+    good = image.read_bytes()
+    image.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="001.png"):
+        train_diffusion(_config(toy_data, tmp_path / "run", max_steps=2))
+    image.write_bytes(good)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    assert train_diffusion(_config(toy_data, tmp_path / "run", max_steps=2)).is_dir()

@@ -15,6 +15,7 @@ from realnet import data as realnet_data
 from realnet.evaluation import evaluate
 from realnet.model import RealNet
 from realnet import training as realnet_training
+from realnet.batching import seeded_batches
 from realnet.recipes import get_recipe
 from realnet.training import ExponentialMovingAverage, TrainingConfig, load_category_data, split_holdout, train
 from sia.errors import InputError
@@ -201,7 +202,7 @@ def test_afs_batches_draw_fresh_anomalies_when_they_wrap_around():
             return {"image": torch.full((1,), float(self.epoch))}
 
     data = Recorder()
-    batches = list(realnet_training._batches(data, 2, seed=0, limit=5, parts=[data]))
+    batches = list(seeded_batches(data, 2, seed=0, limit=5, parts=[data]))
     assert [int(b["image"].max()) for b in batches] == [0, 0, 1, 1, 2]
 
 
@@ -243,7 +244,7 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     with pytest.raises(_Interrupt):
         train(config, evaluate=stop_at_five, evaluate_every=1)
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
-    assert checkpoints[-1] == "iteration_00000004"
+    assert checkpoints[-1] == "step_000004"
 
     from accelerate.state import AcceleratorState, GradientState
 
@@ -351,3 +352,73 @@ def test_empty_or_corrupt_training_images_are_input_errors(tmp_path):
     (corrupt / "train" / "good" / "001.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="001.png"):
         train(tiny_config(tmp_path / "corrupt", tmp_path / "run2", validation_fraction=0.0))
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_kill_then_resume_tolerates_a_torn_log_line_and_refuses_a_tampered_checkpoint(data_root, tmp_path):
+    import pickle
+
+    class PlantsAFile:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "planted.txt", "code ran"))
+
+    def stop_at_three(model, iteration):
+        if iteration == 3:
+            raise _Interrupt()
+        return {}
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        train(tiny_config(data_root, out, iterations=4, checkpoint_every=2), evaluate=stop_at_three, evaluate_every=1)
+    with open(out / "train_log.jsonl", "a") as log:
+        log.write('{"iteration": 4, "loss": 0.')  # what a kill in the middle of a write leaves
+    checkpoint = out / "checkpoints" / "step_000002"
+    original = (checkpoint / "optimizer.safetensors").read_bytes()
+    for name in ("optimizer.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
+        (checkpoint / name).write_bytes(pickle.dumps(PlantsAFile()))
+    _reset_accelerate()
+    with pytest.raises(InputError, match="optimizer.safetensors: not a valid checkpoint file") as info:
+        train(tiny_config(data_root, out, iterations=4, checkpoint_every=2, resume=True))
+    assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()
+
+    (checkpoint / "optimizer.safetensors").write_bytes(original)
+    _reset_accelerate()
+    train(tiny_config(data_root, out, iterations=4, checkpoint_every=2, resume=True))
+    assert not (tmp_path / "planted.txt").exists()  # the accelerate-style pickles are never read
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_without_a_run_or_with_a_damaged_record_is_a_one_line_error(data_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for output in (tmp_path / "new", tmp_path / "empty"):
+        with pytest.raises(InputError, match="no training run to resume") as info:
+            train(tiny_config(data_root, output, resume=True))
+        assert "\n" not in str(info.value)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for content, message in (('{"status": "runn', "unreadable"), ('{"status": "running"}', "no training settings")):
+        (damaged / "config.json").write_text(content)
+        with pytest.raises(InputError, match=message) as info:
+            train(tiny_config(data_root, damaged, resume=True))
+        assert "\n" not in str(info.value)
+
+
+def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(tmp_path):
+    data = tmp_path / "data"
+    folder = make_dataset(data / "widget", n_train=4, n_good=1, n_bad=1)
+    good = (folder / "train" / "good" / "001.png").read_bytes()
+    (folder / "train" / "good" / "001.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="001.png"):
+        train(tiny_config(data, tmp_path / "run", validation_fraction=0.0, iterations=2))
+    (folder / "train" / "good" / "001.png").write_bytes(good)
+    _reset_accelerate()
+    model_dir = train(tiny_config(data, tmp_path / "run", validation_fraction=0.0, iterations=2))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "finished"
+    assert (model_dir / "model.safetensors").is_file()
