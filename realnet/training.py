@@ -48,20 +48,9 @@ from tqdm.auto import tqdm
 
 from sia import runs
 from sia.errors import InputError
-from sia.runs import (
-    CHECKPOINT_DIR,
-    RunLayout,
-    append_jsonl,
-    atomic_folder,
-    check_mixed_precision,
-    load_checkpoint,
-    make_accelerator,
-    open_run_folder,
-    resumable_checkpoint,
-    save_checkpoint,
-    trim_log,
-    write_json_atomic,
-)
+from sia.runs import (CHECKPOINT_DIR, RunLayout, append_jsonl, atomic_folder, check_mixed_precision, load_checkpoint,
+                      make_accelerator, open_run_folder, resumable_checkpoint, save_checkpoint, trim_log,
+                      write_json_atomic)
 
 from .batching import BalancedBatchSampler, EpochBatchSampler, collate, seeded_batches
 from .calibration import calibrate_on_held_out_images, calibrate_thresholds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -63,6 +64,24 @@ def _config(data: Path, out: Path, **overrides) -> DiffusionTrainingConfig:
                     checkpoint_every=1000, log_every=1, progress=False, cpu=True)
     settings.update(overrides)
     return DiffusionTrainingConfig(**settings)
+
+
+@contextlib.contextmanager
+def _killed_at_loss_call(monkeypatch, call: int):
+    """Within the block, the `call`-th loss computation raises KeyboardInterrupt (a simulated kill)."""
+    real_loss, calls = training.hybrid_loss, {"n": 0}
+
+    def dying_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "hybrid_loss", dying_loss)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(training, "hybrid_loss", real_loss)
 
 
 def _log(out: Path) -> list[dict]:
@@ -139,19 +158,9 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(toy_data: Path, 
     train_diffusion(_config(toy_data, tmp_path / "straight", **settings))
 
     # Kill the second run in the middle of step 4's accumulation (after the step-2 checkpoint... and step 3).
-    real_loss, calls = training.hybrid_loss, {"n": 0}
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(training, "hybrid_loss", dying_loss)
     interrupted = tmp_path / "interrupted"
-    with pytest.raises(KeyboardInterrupt):
+    with _killed_at_loss_call(monkeypatch, 8), pytest.raises(KeyboardInterrupt):
         train_diffusion(_config(toy_data, interrupted, **settings))
-    monkeypatch.setattr(training, "hybrid_loss", real_loss)
     assert training.latest_checkpoint(interrupted).name == "step_000002"
     assert not (interrupted / "pipeline").exists()
 
@@ -328,21 +337,9 @@ def test_fp16_on_the_cpu_is_refused_as_realnet_train_refuses_it(toy_data: Path, 
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 
-def test_a_moved_run_resumes(toy_data: Path, tmp_path: Path):
-    real_loss, calls = training.hybrid_loss, {"n": 0}
-
-    def dying_loss(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
-    training.hybrid_loss = dying_loss
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_diffusion(_config(toy_data, tmp_path / "before", max_steps=3, checkpoint_every=1))
-    finally:
-        training.hybrid_loss = real_loss
+def test_a_moved_run_resumes(toy_data: Path, tmp_path: Path, monkeypatch):
+    with _killed_at_loss_call(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
+        train_diffusion(_config(toy_data, tmp_path / "before", max_steps=3, checkpoint_every=1))
     (tmp_path / "before").rename(tmp_path / "after")
     from accelerate.state import AcceleratorState
 
