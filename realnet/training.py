@@ -354,16 +354,35 @@ def _build_run(config: TrainingConfig, recipe: Recipe, accelerator, categories: 
     # The scheduler stays unprepared: Accelerate would step it once per process and iteration.
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ExponentialMovingAverage(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay else None
-    cache = CleanFeatureCache(int(config.feature_cache_mb * 2**20)) if config.feature_cache_mb > 0 else None
     run = _Run(config, recipe, accelerator, categories, model, optimizer, scheduler, ema, loader, samplers, total,
-               validation, cache)
+               validation, cache=None)
     if resume_from is not None:
         run.progress.load_state_dict(load_checkpoint(accelerator, resume_from, model, run.checkpoint_objects()))
         accelerator.print(f"resumed from {resume_from} at iteration {run.progress.iteration}")
     if config.resume and accelerator.is_main_process:
         trim_log(run.output / TRAIN_LOG, run.progress.iteration, key="iteration")
+    run.cache = _filled_feature_cache(config, recipe, accelerator, categories, model)  # after AFS or its restore
     accelerator.wait_for_everyone()
     return run
+
+
+def _filled_feature_cache(config: TrainingConfig, recipe: Recipe, accelerator, categories: list[CategoryData],
+                          model) -> Optional[CleanFeatureCache]:
+    """The clean-feature cache, filled in a fixed order so that fresh and resumed runs hold the same one."""
+    from sia.synthesizer import SyntheticAnomalyDataset
+
+    if config.feature_cache_mb <= 0:
+        return None
+    cache = CleanFeatureCache(int(config.feature_cache_mb * 2**20))
+    # probability 0: exactly the clean images (and keys) the training batches carry, without anomalies
+    clean = ConcatDataset([SyntheticAnomalyDataset(c.train, c.synthesizer, probability=0.0, seed=0) for c in categories])
+    loader = DataLoader(clean, batch_size=recipe.batch_size, shuffle=False, num_workers=config.num_workers, collate_fn=collate)
+    batches = ((b["image_key"], b["clean_image"].to(accelerator.device)) for b in
+               tqdm(loader, desc="clean features", leave=False, disable=not (config.progress and accelerator.is_main_process)))
+    model.train()
+    with accelerator.autocast():
+        cache.fill(accelerator.unwrap_model(model), batches)
+    return cache
 
 
 def train(

@@ -422,3 +422,41 @@ def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(tmp_path):
     model_dir = train(tiny_config(data, tmp_path / "run", validation_fraction=0.0, iterations=2))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "finished"
     assert (model_dir / "model.safetensors").is_file()
+
+
+def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(data_root, tmp_path, monkeypatch):
+    # a cache budget of about 4 of the 9 training images: which ones are cached must not depend on
+    # where the run (re)started, or the resumed run computes other targets in other batches
+    cached: dict[str, list[int]] = {}
+    current = {"run": ""}
+    original = realnet_training.CleanFeatureCache.features
+
+    def recording(self, model, keys, clean_images):
+        out = original(self, model, keys, clean_images)
+        cached[current["run"]] = sorted(self.store)
+        return out
+
+    monkeypatch.setattr(realnet_training.CleanFeatureCache, "features", recording)
+    settings = dict(iterations=8, checkpoint_every=2, feature_cache_mb=0.05)
+    current["run"] = "straight"
+    straight = load_file(str(train(tiny_config(data_root, tmp_path / "straight", **settings)) / "model.safetensors"))
+    assert 0 < len(cached["straight"]) < 9
+    for stop in (3, 7):  # resume from the checkpoints of iterations 2 and 6
+
+        def interrupt(model, iteration, stop=stop):
+            if iteration == stop:
+                raise _Interrupt()
+            return {}
+
+        out = tmp_path / f"stopped_at_{stop}"
+        current["run"] = "interrupted"
+        _reset_accelerate()
+        with pytest.raises(_Interrupt):
+            train(tiny_config(data_root, out, **settings), evaluate=interrupt, evaluate_every=1)
+        current["run"] = f"resumed_{stop}"
+        _reset_accelerate()
+        resumed = load_file(str(train(tiny_config(data_root, out, resume=True, **settings)) / "model.safetensors"))
+        assert cached[f"resumed_{stop}"] == cached["straight"]
+        assert resumed.keys() == straight.keys()
+        for key in straight:
+            torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=f"{key}, resumed at {stop}")
