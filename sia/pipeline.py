@@ -19,7 +19,6 @@ are one level brighter here than in the official release (which is also JPEG, no
 from __future__ import annotations
 
 import inspect
-import json
 import numbers
 import os
 from collections.abc import Sequence
@@ -86,15 +85,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def _check_model_index(folder: Path) -> None:
     """InputError naming `folder/model_index.json` if it is missing, unreadable or lists unsafe categories."""
+    from .runs import read_json_object
+
     path = folder / "model_index.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{folder}: no model_index.json (expected a saved SDASPipeline folder)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({type(err).__name__}); expected the JSON config of an SDASPipeline") from None
-    if not isinstance(index, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    if not path.is_file():
+        raise InputError(f"{folder}: no model_index.json (expected a saved SDASPipeline folder)")
+    index = read_json_object(path, advice="expected the JSON config of an SDASPipeline")
     categories = index.get("categories", [])
     if not isinstance(categories, list):
         raise InputError(f"{path}: categories must be a list of names, got {categories!r}")

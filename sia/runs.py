@@ -92,15 +92,15 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json_object(path: str | Path) -> dict[str, Any]:
-    """A JSON object from a run file; a missing or damaged one is a one-line InputError naming it."""
+def read_json_object(path: str | Path, advice: str = "fix or delete it") -> dict[str, Any]:
+    """A JSON object from a file; a missing or damaged one is a one-line InputError naming it."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({type(err).__name__}); fix or delete it") from None
+        raise InputError(f"{path}: unreadable ({type(err).__name__}); {advice}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
