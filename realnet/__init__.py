@@ -6,6 +6,7 @@ discriminator -> anomaly map. Public names are imported on first use (``import r
 Model:      RealNet (Hub save/load), get_recipe, known_recipes
 Training:   TrainingConfig, train
 Evaluation: evaluate, load_model, evaluate_maps, image_auroc, pixel_auroc, pro_score
+Deployment: export_model (ONNX / OpenVINO), ExportedRealNet (runs an export without torch)
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ _EXPORTS: dict[str, str] = {
     "image_auroc": "metrics",
     "pixel_auroc": "metrics",
     "pro_score": "metrics",
+    "export_model": "export",
+    "ExportedRealNet": "deploy",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .deploy import ExportedRealNet
     from .evaluation import evaluate, load_model
+    from .export import export_model
     from .metrics import evaluate_maps, image_auroc, pixel_auroc, pro_score
     from .model import RealNet, RealNetOutput
     from .recipes import Recipe, get_recipe, known_recipes

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from sia.errors import report_input_errors
+from sia.errors import InputError, report_input_errors
 
 app = typer.Typer(
     name="realnet",
-    help="RealNet anomaly detector: train on normal images with synthetic anomalies, evaluate, predict.",
+    help="RealNet anomaly detector: train on normal images with synthetic anomalies, evaluate, predict, export.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -95,21 +96,23 @@ def eval_command(
 @report_input_errors
 def predict_command(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
-    model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder or a Hub id.")],
+    model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder, a Hub id, or a folder written by `realnet export` (runs with ONNX Runtime / OpenVINO, without torch).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.jsonl, maps/, masks/ and overlays/.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     image_threshold: Annotated[Optional[float], typer.Option(help="Image score at or above which an image is anomalous (default: the model's normal-only calibrated value).")] = None,
     pixel_threshold: Annotated[Optional[float], typer.Option(help="Pixel score at or above which a pixel is anomalous in masks/ (default: the model's calibrated value).")] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write a heat-map overlay PNG per image.")] = True,
-    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu); exported models run on the CPU.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
 ) -> None:
     """Score images: anomaly score, map (.npy + 16-bit PNG), binary mask and overlay per image."""
+    from .deploy import is_export_folder
     from .predict import predict
 
+    if device is None and not is_export_folder(model):  # an exported model must not load torch
+        device = _default_device()
     results = predict(model, images, out, batch_size=batch_size, image_threshold=image_threshold,
-                      pixel_threshold=pixel_threshold, overlays=overlays, device=device or _default_device(),
-                      overwrite=overwrite)
+                      pixel_threshold=pixel_threshold, overlays=overlays, device=device, overwrite=overwrite)
     flagged = sum(1 for r in results if r.is_anomalous)
     typer.echo(f"{len(results)} images scored, {flagged} flagged anomalous; results in {out / 'scores.csv'}")
 
@@ -118,6 +121,39 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command("export")
+@report_input_errors
+def export_command(
+    model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder or a Hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder to write: the graph and realnet_export.json (thresholds, config).")],
+    format: Annotated[str, typer.Option("--format", help="'onnx' (ONNX Runtime) or 'openvino' (OpenVINO IR, float32).")] = "onnx",
+    image_size: Annotated[Optional[str], typer.Option("--image-size", help="Input size of the graph, N or HxW (multiples of the backbone stride, 32); default: the model's.")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed number of images per run.")] = "dynamic",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the export with its runtime and keep it only if it matches the PyTorch model (maps within 1e-4).")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
+) -> None:
+    """Export the whole inference graph (normalisation to image score) for deployment without torch."""
+    from .export import export_model
+
+    with _flags_for(model="--model", out="--out", format="--format", image_size="--image-size", batch="--batch"):
+        folder = export_model(model, out, format=format, image_size=image_size, batch=batch, overwrite=overwrite,
+                              verify=verify)
+    typer.echo(f"exported to {folder}; run it with: realnet predict IMAGES --model {folder} --out RESULTS")
+
+
+@contextmanager
+def _flags_for(**flags: str):
+    """Re-word library InputErrors that start with a parameter name ("image_size: ...") to name the flag."""
+    try:
+        yield
+    except InputError as err:
+        message = str(err)
+        for parameter, flag in flags.items():
+            if message.startswith((f"{parameter}:", f"{parameter} ")):
+                raise InputError(flag + message[len(parameter):]) from None
+        raise
 
 
 @app.command("convert-official")

@@ -38,11 +38,14 @@ def head_count(channels: int, head_width: int = 64) -> int:
 # On CPU, oneDNN convolutions are slow for small maps with many channels (deep U-Net levels at
 # batch 1: e.g. 2048->1024 channels at 8x8 runs ~2x faster as one im2col matrix product). The same
 # function is computed either way; set to False to always use the default convolution kernels.
+# Never while exporting: the choice depends on the batch size, and runtimes pick their own kernels.
 GEMM_FOR_SMALL_MAPS = True
 
 
 def _use_gemm(x: torch.Tensor, in_channels: int) -> bool:
-    return GEMM_FOR_SMALL_MAPS and x.device.type == "cpu" and 4 * x.shape[0] * x.shape[-2] * x.shape[-1] <= in_channels
+    if not GEMM_FOR_SMALL_MAPS or x.device.type != "cpu" or torch.onnx.is_in_onnx_export():
+        return False
+    return 4 * x.shape[0] * x.shape[-2] * x.shape[-1] <= in_channels
 
 
 class Conv2d(nn.Conv2d):

@@ -78,11 +78,24 @@ class ResidualSelection(nn.Module):
         # training batches instead of the official "almost only the last batch" (momentum 0.9).
         self.bn = nn.BatchNorm2d(total_channels, affine=False, momentum=bn_momentum)
 
+    def _ranking_view(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm-standardised residuals the channels are ranked by.
+
+        The ONNX exporter cannot tell the channel count of an affine-free BatchNorm here, so while
+        exporting the identity scale and shift are passed explicitly (the same computation).
+        """
+        if not torch.onnx.is_in_onnx_export():
+            return self.bn(stacked)
+        channels = self.bn.num_features
+        scale = torch.ones(channels, dtype=stacked.dtype)
+        shift = torch.zeros(channels, dtype=stacked.dtype)
+        return F.batch_norm(stacked, self.bn.running_mean, self.bn.running_var, scale, shift, False, 0.0, self.bn.eps)
+
     def forward(self, residuals: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the selected raw residuals (B, k_max+k_mean, h, w) and the indices (B, k_max+k_mean)."""
         stacked = align_residuals(residuals)
         with torch.no_grad():
-            ranking = self.bn(stacked.detach().float())
+            ranking = self._ranking_view(stacked.detach().float())
             indices = torch.cat(
                 [top_channels(ranking, self.top_k[0], "max"), top_channels(ranking, self.top_k[1], "mean")], dim=1
             )

@@ -3,6 +3,7 @@
 The colour maps are small lookup tables interpolated with numpy, so no plotting library is needed.
 ``viridis`` (perceptually uniform, readable in grey and by colour-blind viewers) is the default;
 ``jet`` reproduces the look of the official RealNet exports (grad-cam's ``show_cam_on_image``).
+Tensors are accepted but torch is never imported here, so torch-free prediction can draw overlays.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import ndimage
 
 from sia.errors import InputError
-from sia.images import to_pil_rgb
+from sia.images import is_tensor, to_pil_rgb
 
 __all__ = ["COLORMAPS", "heatmap", "overlay", "save_overlay_triptych", "save_overlay_grid", "save_grid", "make_grid"]
 
@@ -49,7 +49,7 @@ def _as_2d(values: Any, name: str) -> np.ndarray:
     """(H,W), (1,H,W) or (H,W,1) tensor/array -> float64 numpy (H,W)."""
     if isinstance(values, Image.Image):
         values = np.asarray(values.convert("F"))
-    if isinstance(values, torch.Tensor):
+    if is_tensor(values):
         values = values.detach().float().cpu().numpy()
     array = np.asarray(values, dtype=np.float64)
     array = np.squeeze(array)

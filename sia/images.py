@@ -2,22 +2,34 @@
 
 Convention used across `sia` and `realnet`: an image tensor is float32, shape (3, H, W), values in
 [0, 1]; a mask tensor is float32, shape (1, H, W), values in {0, 1}.
+
+torch is imported only by the functions that make or take tensors, so reading images, listing
+folders and numpy conversion work in a torch-free deployment (an exported RealNet).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, Path]
+ImageLike = Union[Image.Image, np.ndarray, "torch.Tensor", str, Path]
+
+
+def is_tensor(value: object) -> bool:
+    """True for a torch tensor; without importing torch (a tensor exists only once torch is loaded)."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
 
 
 def _integer_peak(dtype: np.dtype, what: str, peak: int | None) -> int:
@@ -88,7 +100,7 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
         return load_image(image)
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image, "image")
-    if isinstance(image, torch.Tensor):
+    if is_tensor(image):
         array = image.detach().cpu()
         if array.ndim == 3 and array.shape[0] in (1, 3, 4):
             array = array.permute(1, 2, 0)
@@ -110,14 +122,23 @@ def to_pil_rgb(image: ImageLike) -> Image.Image:
     raise InputError(f"image: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}")
 
 
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """8-bit RGB PIL image -> float32 array (3, H, W) in [0, 1] (the numpy twin of `pil_to_tensor`)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    import torch
+
+    return torch.from_numpy(pil_to_array(image))
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """Float tensor (3, H, W) or (1, H, W) in [0, 1] -> 8-bit PIL image (rounded, not truncated)."""
+    import torch
+
     array = image.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
     if array.shape[0] == 1:
         return Image.fromarray(array[0].numpy(), mode="L")
@@ -151,6 +172,8 @@ def _mask_values(mask: Image.Image) -> np.ndarray:
 
 def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Ground-truth mask file -> float tensor (1, H, W) in {0, 1}; any non-zero pixel is anomalous."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such mask file")
