@@ -5,7 +5,7 @@ and the Hub client load only when a pipeline or dataset function is touched).
 
 Augmentation (any detector):  AnomalySynthesizer, SyntheticAnomalyDataset, ForegroundConfig,
     perlin_masks, foreground_masks, SIASource, DTDSource, CutPasteSource, make_source
-SDAS (diffusers):             SDASPipeline, SDASScheduler, SDASDDIMScheduler
+SDAS (diffusers):             SDASPipeline, SDASInpaintPipeline (in-context), SDASScheduler, SDASDDIMScheduler
 SIA data sets (datasets/Hub): load_sia, generate_dataset, push_sia_dataset
 """
 
@@ -30,6 +30,8 @@ _EXPORTS: dict[str, str] = {
     "make_source": "sources",
     "SDASPipeline": "pipeline",
     "SDASPipelineOutput": "pipeline",
+    "SDASInpaintPipeline": "inpaint",
+    "SDASInpaintPipelineOutput": "inpaint",
     "SDASScheduler": "scheduler",
     "SDASDDIMScheduler": "scheduler",
     "load_sia": "hub",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .foreground import ForegroundConfig, foreground_masks
     from .generate import generate_dataset
     from .hub import load_sia, push_sia_dataset
+    from .inpaint import SDASInpaintPipeline, SDASInpaintPipelineOutput
     from .perlin import perlin_masks
     from .pipeline import SDASPipeline, SDASPipelineOutput
     from .scheduler import SDASDDIMScheduler, SDASScheduler
