@@ -23,7 +23,7 @@ app = typer.Typer(
 @report_input_errors
 def train_command(
     data: Annotated[Path, typer.Option("--data", help="Dataset root (e.g. the MVTec AD folder), or one category folder holding train/ and test/.")],
-    source: Annotated[str, typer.Option("--source", help="Anomaly source: 'sia:DIR_OR_HUB_ID' (SIA images; DIR may hold one sub-folder per category), 'dtd:DIR' (texture images) or 'cutpaste'.")],
+    source: Annotated[str, typer.Option("--source", help="Anomaly source: 'sia:DIR_OR_HUB_ID' (SIA images; DIR may hold one sub-folder per category), 'dtd:DIR' (texture images), 'cutpaste' or 'sdas-inpaint:MODEL' (in-context SDAS defects painted under each mask on the fly by a saved SDAS pipeline).")],
     output: Annotated[Path, typer.Option("--output", help="Run folder: model/, config.json, train_log.jsonl, checkpoints/.")],
     dataset: Annotated[str, typer.Option(help="Layout of --data: mvtec-ad, visa, mpdd, btad, folder or kolektorsdd.")] = "mvtec-ad",
     category: Annotated[Optional[list[str]], typer.Option("--category", help="Category to train on; repeat for one unified multi-class model, or 'all'. Omit when --data is a single category folder.")] = None,

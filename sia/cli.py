@@ -53,8 +53,9 @@ class _StrengthRangeCommand(TyperCommand):
 @app.command("generate", cls=_StrengthRangeCommand)
 @report_input_errors
 def generate_command(
-    category: Annotated[list[str], typer.Option(
-        help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several.")],
+    category: Annotated[Optional[list[str]], typer.Option(
+        help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several. "
+             "With --images: the one category of the normal images (optional for a one-category model).")] = None,
     model: Annotated[str | None, typer.Option(
         help="Saved SDASPipeline folder, Hugging Face Hub id, or a benchmark name (mvtec-ad, visa, mpdd, btad). Default: "
              "the benchmark's SDAS pipeline on the Hub (sia-realnet/sdas-<benchmark>; override with SIA_SDAS_REPO_<BENCHMARK>).")] = None,
@@ -63,7 +64,8 @@ def generate_command(
         help="Anomaly strength s: one number (fixed, e.g. 0.15; 0 = normal images) or two numbers 'MIN MAX' "
              "(s ~ U(MIN, MAX) per image; official: 0.1 0.2). The ddpm sampler is meant for s up to about 0.5, "
              "ddim for 0.01-0.03 (warned above 0.1); larger values run but leave the product behind.")] = "0.1,0.2",
-    num_images: Annotated[int, typer.Option(help="Images per category (the released SIA has 10000).")] = 10000,
+    num_images: Annotated[Optional[int], typer.Option(help="Images per category (default 10000, the released SIA's size; "
+                                                       "with --images: one per normal image).")] = None,
     seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly; to add new images to a set, use a far-away seed (e.g. 1000000), since seed 1 repeats images 1.. of seed 0.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
     steps: Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
@@ -71,13 +73,43 @@ def generate_command(
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model; recorded as a commit hash.")] = None,
     device: Annotated[str | None, typer.Option(help="Device, e.g. cpu, cuda, cuda:1 (default: this process's accelerator, or cpu).")] = None,
     dtype: Annotated[str, typer.Option(help="UNet weights dtype: float32, float16 or bfloat16 (half precision on GPU; scheduler math stays float32).")] = "float32",
+    images: Annotated[Optional[Path], typer.Option(help="In-context SDAS: a folder of normal images to paint defects into "
+                                                   "(sample i uses image i mod N and seed + i); writes each image, its mask "
+                                                   "(the defect) under OUTPUT/masks/ and metadata.jsonl. Needs --model.")] = None,
+    masks: Annotated[str, typer.Option(help="With --images: 'perlin' (a Perlin x --foreground mask per sample) or a folder "
+                                       "of masks named like the images (NAME.png or NAME_mask.png).")] = "perlin",
+    foreground: Annotated[str, typer.Option(help="With --masks perlin: where masks may go: none (anywhere), auto, a "
+                                            "category recipe (bottle, visa/pcb1, hazelnut-toy, ...).")] = "none",
+    denoising_strength: Annotated[float, typer.Option(help="With --images: fraction of the schedule run from the noised "
+                                                      "normal image (1 = from the noisiest step).")] = 0.8,
+    resamples: Annotated[int, typer.Option(help="With --images: extra RePaint rounds per step (0 = none).")] = 0,
+    mask_dilation: Annotated[int, typer.Option(help="With --images: grow masks by this many pixels first.")] = 0,
+    mask_feather: Annotated[int, typer.Option(help="With --images: fade the defect in over this many pixels inside the mask edge.")] = 0,
 ) -> None:
-    """Sample SDAS anomaly images into a resumable imagefolder dataset (shard with torchrun/accelerate launch)."""
-    from .generate import generate_dataset
+    """Sample SDAS anomaly images into a resumable imagefolder dataset (shard with torchrun/accelerate launch).
 
-    summary = generate_dataset(model=model, output=output, categories=category, num_images=num_images,
-                               strength=strength, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
-                               revision=revision, device=device, dtype=dtype)
+    With --images, paint in-context SDAS defects into given normal images instead (masks are the defects).
+    """
+    if images is not None:
+        from .errors import InputError
+        from .generate_inpaint import generate_inpainted_dataset
+
+        if model is None:
+            raise InputError("--model is needed with --images (a saved SDASPipeline folder or Hub id)")
+        if category and len(category) > 1:
+            raise InputError("--category: --images takes one category (the normal images' own)")
+        summary = generate_inpainted_dataset(
+            model=model, output=output, images=images, masks=masks, category=category[0] if category else None,
+            num_images=num_images, strength=strength, seed=seed, batch_size=batch_size, steps=steps, sampler=sampler,
+            denoising_strength=denoising_strength, resamples=resamples, mask_dilation=mask_dilation,
+            mask_feather=mask_feather, foreground=foreground, revision=revision, device=device, dtype=dtype)
+    else:
+        from .generate import generate_dataset
+
+        summary = generate_dataset(model=model, output=output, categories=category or [],
+                                   num_images=10000 if num_images is None else num_images, strength=strength, seed=seed,
+                                   batch_size=batch_size, steps=steps, sampler=sampler, revision=revision, device=device,
+                                   dtype=dtype)
     if summary.metadata is not None:
         typer.echo(f"{summary.generated} generated, {summary.skipped} already present, {summary.total} images in {summary.output}")
 

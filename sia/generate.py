@@ -204,13 +204,13 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _check_settings(settings_path: Path, settings: dict) -> bool:
+def _check_settings(settings_path: Path, settings: dict, keys: Sequence[str] = SETTINGS_KEYS) -> bool:
     """True when the folder already has settings (equal ones); InputError naming the differences otherwise."""
     if not settings_path.is_file():
         return False
     existing = _read_json(settings_path, "settings of this dataset folder")
     diffs = [f"{k}: existing {existing.get(k)!r} vs requested {settings[k]!r}"
-             for k in SETTINGS_KEYS if existing.get(k) != settings[k]]
+             for k in keys if existing.get(k) != settings[k]]
     if diffs:
         raise InputError(f"--output {settings_path.parent.parent} was generated with other settings ({'; '.join(diffs)}); "
                          "use a new folder or the same settings")

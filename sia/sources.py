@@ -381,7 +381,7 @@ class CutPasteSource:
 
 
 def make_source(spec: str | Path | AnomalySource, category: str | None = None, cache_size: int = 1024) -> AnomalySource:
-    """Build a source from ``"sia:PATH"``, ``"dtd:PATH"``, ``"cutpaste"`` or a bare folder (SIA)."""
+    """Build a source from ``"sia:PATH"``, ``"dtd:PATH"``, ``"cutpaste"``, ``"sdas-inpaint:MODEL"`` or a bare folder (SIA)."""
     if not isinstance(spec, (str, Path)):
         if isinstance(spec, AnomalySource):
             return spec
@@ -398,6 +398,10 @@ def make_source(spec: str | Path | AnomalySource, category: str | None = None, c
         return SIASource(open_sia_images(rest, category), category=category, cache_size=cache_size)
     if sep and kind.lower() == "dtd":
         return DTDSource(rest, cache_size=cache_size)
+    if sep and kind.lower() == "sdas-inpaint":
+        from .inpaint_source import InpaintSDASSource  # diffusers loads only for this source
+
+        return InpaintSDASSource(rest, category=category)
     if Path(text).is_dir():
         return SIASource(text, category=category, cache_size=cache_size)
-    raise InputError(f"source {text!r}: expected 'sia:PATH', 'dtd:PATH', 'cutpaste' or an existing image folder")
+    raise InputError(f"source {text!r}: expected 'sia:PATH', 'dtd:PATH', 'cutpaste', 'sdas-inpaint:MODEL' or an existing image folder")

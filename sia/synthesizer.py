@@ -86,7 +86,8 @@ class AnomalySynthesizer:
 
     Args:
         source: an :class:`~sia.sources.AnomalySource` or a spec (``"sia:PATH"``, ``"dtd:PATH"``,
-            ``"cutpaste"``, a folder of SIA images, or a ``datasets.Dataset`` with an image column).
+            ``"cutpaste"``, ``"sdas-inpaint:MODEL"`` (in-context SDAS defects painted under the mask),
+            a folder of SIA images, or a ``datasets.Dataset`` with an image column).
         category: foreground recipe: a benchmark category (``"bottle"``, ``"visa/pcb1"``),
             ``"none"`` (whole image), ``"auto"``, or a :class:`ForegroundConfig`. It also picks the
             ``<category>`` subfolder / rows of an SIA source.
@@ -186,7 +187,11 @@ class AnomalySynthesizer:
 
     def _synthesize(self, images: torch.Tensor, generator: torch.Generator | None):
         masks = self._masks_bool(images, generator)
-        sources = sample_batch(self.source, images, generator, allow_uint8=True)
+        paint = getattr(self.source, "paint_batch", None)
+        if paint is not None:  # in-context sources put the defect into the image under the mask themselves
+            sources, masks = paint(images, masks, generator)
+        else:
+            sources = sample_batch(self.source, images, generator, allow_uint8=True)
         opacities = sample_opacity(images.shape[0], self.opacity, generator)
         out = blend(images, sources, masks, opacities)
         return out, masks.float(), opacities
