@@ -305,7 +305,8 @@ class SDASInpaintPipeline(SDASPipeline):
                         model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=batch_labels).sample
                         x_prev = self.scheduler.step(model_output.float(), t, x, generator=gen,
                                                      anomaly_strength=step_strength).prev_sample
-                        x_prev = w * x_prev + (1 - w) * self._noised(x0, t_prev, gen)
+                        if t_prev >= 0 or round_ < resamples:  # the last result is composited once, below
+                            x_prev = w * x_prev + (1 - w) * self._noised(x0, t_prev, gen)
                         if round_ < resamples:  # RePaint jump: diffuse one step forward again and redo it
                             ratio = self._alpha_bar(int(t)) / self._alpha_bar(t_prev)
                             noise = randn_tensor(shape, generator=gen, device=device, dtype=torch.float32)

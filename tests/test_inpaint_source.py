@@ -69,3 +69,27 @@ def test_bad_source_specs(model_dir, tmp_path):
         make_source(f"sdas-inpaint:{model_dir}", category="screw")
     with pytest.raises(InputError, match="^source sdas-inpaint:.*not a saved SDAS pipeline"):
         make_source(f"sdas-inpaint:{tmp_path / 'missing'}", category="bottle")
+
+
+def test_realnet_trains_with_the_in_context_source(model_dir, tmp_path):
+    import json
+
+    from test_training import TINY_MODEL, make_dataset
+
+    from realnet.training import TrainingConfig, train
+
+    make_dataset(tmp_path / "data" / "widget", n_train=4, n_good=2, n_bad=2, size=32)
+    config = TrainingConfig(
+        data=str(tmp_path / "data"), output=str(tmp_path / "run"), source=f"sdas-inpaint:{model_dir}",
+        dataset="mvtec-ad", categories=["widget"], recipe="fast", backbone="resnet18", image_size=32, iterations=1,
+        batch_size=2, afs_batches=1, model_kwargs=dict(TINY_MODEL), validation_fraction=0.0, checkpoint_every=0,
+        progress=False, cpu=True, log_every=1)
+    with pytest.raises(InputError, match="the model knows several categories"):
+        train(config)  # widget is no category of this two-category model
+    single = tmp_path / "single"
+    torch.manual_seed(0)
+    SDASPipeline.from_unet_preset("tiny-32", ["widget"], sample_size=16).save_pretrained(single)
+    config.source, config.overwrite = f"sdas-inpaint:{single}", True
+    train(config)
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["status"] == "finished" and run["training"]["source"] == f"sdas-inpaint:{single}"
