@@ -177,6 +177,34 @@ def render_recipe(data: dict) -> list[str]:
     return lines
 
 
+def render_incontext(data: dict) -> list[str]:
+    settings = data["settings"]
+    lines = [(f"SDAS model: {settings['preset']} at {settings['image_size']}², {settings['train_steps']} updates of batch "
+              f"{settings.get('train_batch', '-')} on the normal training images ({data['train_seconds'] / 60:.0f} min); "
+              f"{settings['images']} normal images with Perlin x foreground masks, {settings['sampling_steps']}-step "
+              f"{settings['sampler']} sampler, denoising strength {settings['denoising_strength']}, one thread; "
+              f"whole run {data['total_seconds'] / 60:.0f} min."), "",
+             "Alignment: mean |x_out - x_in| inside and outside the mask (in [0, 1] units).", ""]
+    lines += _table(["s", "inside", "outside", "outside max", "s per set"],
+                    [[str(r["strength"]), _fmt(r["inside_mean_abs"], ".4f"), _fmt(r["outside_mean_abs"], ".4f"),
+                      _fmt(r["outside_max_abs"], ".4f"), _fmt(r["seconds"], ".0f")] for r in data["alignment"]])
+    lines += ["", "Seam energy: mean luma gradient magnitude on the one-pixel ring around each mask edge.", ""]
+    lines += _table(["s", "normal image", "in-context", "Eq. 3, opacity 1", "Eq. 3, opacity U(0.5, 1)"],
+                    [[str(r["strength"]), _fmt(r["normal_image"], ".4f"), _fmt(r["in_context"], ".4f"),
+                      _fmt(r["eq3_opacity_1"], ".4f"), _fmt(r["eq3_opacity_0.5_1"], ".4f")] for r in data["seams"]])
+    if data.get("features"):
+        lines += ["", "Lite0 ImageNet features (globally pooled last stage; not Inception FID, and a few dozen images "
+                      "per set): Fréchet distance (FD) and mean pairwise distance.", ""]
+        lines += _table(["source", "FD vs real normal", "FD vs real defective", "mean pairwise"],
+                        [[r["source"], _fmt(r["fd_vs_normal"], ".1f"), _fmt(r["fd_vs_defective"], ".1f"),
+                          _fmt(r["mean_pairwise"], ".2f")] for r in data["features"]])
+    detector = data.get("detector")
+    lines += ["", f"Detector comparison: {detector}" if isinstance(detector, str) else "Detector comparison: see the JSON."]
+    if data.get("strip"):
+        lines += ["", f"![in-context strip]({Path(data['strip']).name})"]
+    return lines
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -202,6 +230,8 @@ BENCHMARKS = [
               (("--quick",),)),
     Benchmark("recipe", "Real-data accuracy: RealNet recipes vs PatchCore (hazelnut_toy, kolektorsdd)", "recipe.py",
               "recipe.json", render_recipe, ((), ("--report",)), heavy=True),
+    Benchmark("incontext", "In-context SDAS vs SDAS + Eq. 3: alignment, seams, Lite0 realism", "incontext.py",
+              "incontext.json", render_incontext, (("--features",),), heavy=True),
 ]
 
 
