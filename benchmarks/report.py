@@ -185,9 +185,10 @@ def render_incontext(data: dict) -> list[str]:
               f"{settings['sampler']} sampler, denoising strength {settings['denoising_strength']}, one thread; "
               f"whole run {data['total_seconds'] / 60:.0f} min."), "",
              "Alignment: mean |x_out - x_in| inside and outside the mask (in [0, 1] units).", ""]
-    lines += _table(["s", "inside", "outside", "outside max", "s per set"],
-                    [[str(r["strength"]), _fmt(r["inside_mean_abs"], ".4f"), _fmt(r["outside_mean_abs"], ".4f"),
-                      _fmt(r["outside_max_abs"], ".4f"), _fmt(r["seconds"], ".0f")] for r in data["alignment"]])
+    lines += _table(["s", "inside", "inside vs s = 0 (same seeds)", "outside", "outside max", "s per set"],
+                    [[str(r["strength"]), _fmt(r["inside_mean_abs"], ".4f"), _fmt(r.get("inside_vs_s0"), ".4f"),
+                      _fmt(r["outside_mean_abs"], ".4f"), _fmt(r["outside_max_abs"], ".4f"), _fmt(r.get("seconds"), ".0f")]
+                     for r in data["alignment"]])
     lines += ["", "Seam energy: mean luma gradient magnitude on the one-pixel ring around each mask edge.", ""]
     lines += _table(["s", "normal image", "in-context", "Eq. 3, opacity 1", "Eq. 3, opacity U(0.5, 1)"],
                     [[str(r["strength"]), _fmt(r["normal_image"], ".4f"), _fmt(r["in_context"], ".4f"),
