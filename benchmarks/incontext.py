@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"s={s}: inside {row['inside_mean_abs']:.4f} outside {row['outside_mean_abs']:.4f} "
               f"(max {row['outside_max_abs']:.4f}), {seconds:.0f} s", flush=True)
 
-    strip_picture(pipe, clean[0], masks[0], [0.0, *args.strengths], args.seed, args.strip)
+    largest = int(masks.flatten(1).sum(1).argmax())  # the picture shows the biggest defect region
+    strip_picture(pipe, clean[largest], masks[largest], [0.0, *args.strengths], args.seed, args.strip)
     report["strip"] = str(args.strip.relative_to(ROOT)) if args.strip.is_relative_to(ROOT) else str(args.strip)
 
     if args.features:

@@ -50,6 +50,8 @@ class InpaintSDASSource:
             label = os.fspath(model)
             try:
                 pipe = SDASInpaintPipeline.from_pretrained(label)
+            except InputError as err:
+                raise InputError(f"source sdas-inpaint:{label}: {err}") from None
             except Exception as err:  # noqa: BLE001 - a missing folder or unreachable Hub id mean the same here
                 raise InputError(f"source sdas-inpaint:{label}: not a saved SDAS pipeline folder or Hub id "
                                  f"({type(err).__name__})") from None
