@@ -26,7 +26,9 @@ from sia.errors import InputError
 MANIFEST_NAME = "realnet_export.json"
 FORMAT_VERSION = 1
 EXPORT_FORMATS = ("onnx", "openvino")
-GRAPH_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}
+ONNX_FILE = "model.onnx"
+ONNX_DATA_FILE = "model.onnx.data"  # the weights of graphs over protobuf's 2 GB limit
+GRAPH_FILES = {"onnx": (ONNX_FILE,), "openvino": ("model.xml", "model.bin")}
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "image_score", "rrs_indices")
 RUNTIME_MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -65,7 +67,8 @@ def read_manifest(folder: str | Path, what: str = "--model") -> dict:
     fmt = manifest.get("format")
     if fmt not in EXPORT_FORMATS:
         raise InputError(f"{what} {folder}: unknown export format {fmt!r} (expected one of {', '.join(EXPORT_FORMATS)})")
-    for name in GRAPH_FILES[fmt]:
+    files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+    for name in dict.fromkeys([*GRAPH_FILES[fmt], *map(str, files)]):
         if not (folder / name).is_file():
             raise InputError(f"{what} {folder}: the {fmt} export lacks {name}")
     size = manifest.get("image_size")

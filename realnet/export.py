@@ -34,6 +34,8 @@ from .deploy import (
     GRAPH_FILES,
     INPUT_NAME,
     MANIFEST_NAME,
+    ONNX_DATA_FILE,
+    ONNX_FILE,
     OUTPUT_NAMES,
     RUNTIME_MODULES,
     ExportedRealNet,
@@ -133,7 +135,20 @@ def _check_out(out: str | Path, overwrite: bool, what: str) -> Path:
     return folder
 
 
-def _write_onnx(graph: InferenceGraph, path: Path, size: tuple[int, int], batch: int | None, opset: int) -> None:
+def _write_onnx(traced: Path, folder: Path) -> None:
+    """Move a traced ``model.onnx`` into `folder`; models over protobuf's 2 GB limit (WRN50 arch A),
+    which the tracer writes with one file per tensor, get all weights in one ``model.onnx.data``."""
+    if [p.name for p in traced.parent.iterdir()] == [traced.name]:
+        os.replace(traced, folder / ONNX_FILE)
+        return
+    import onnx
+
+    proto = onnx.load(str(traced))  # reads the per-tensor files
+    onnx.save_model(proto, str(folder / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=ONNX_DATA_FILE)
+
+
+def _trace_onnx(graph: InferenceGraph, path: Path, size: tuple[int, int], batch: int | None, opset: int) -> None:
     example = torch.rand(batch or 2, 3, *size, generator=torch.Generator().manual_seed(0))
     dynamic = None if batch else {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
     with warnings.catch_warnings(), torch.no_grad():
@@ -224,17 +239,19 @@ def export_model(
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
     try:
+        trace_folder = building / "trace"
+        trace_folder.mkdir()
+        traced = trace_folder / ONNX_FILE
+        _trace_onnx(graph, traced, size, fixed_batch, opset)
         if fmt == "onnx":
-            _write_onnx(graph, building / GRAPH_FILES["onnx"][0], size, fixed_batch, opset)
+            _write_onnx(traced, building)
         else:
-            onnx_path = building / "graph.onnx"
-            _write_onnx(graph, onnx_path, size, fixed_batch, opset)
-            _write_openvino(onnx_path, building)
-            onnx_path.unlink()
+            _write_openvino(traced, building)
+        shutil.rmtree(trace_folder)
         manifest = {
             "format_version": FORMAT_VERSION,
             "format": fmt,
-            "files": list(GRAPH_FILES[fmt]),
+            "files": sorted(p.name for p in building.iterdir()),
             "image_size": [int(size[0]), int(size[1])],
             "batch": fixed_batch,
             "input": {

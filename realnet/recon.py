@@ -52,7 +52,12 @@ class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters) that runs small maps as an explicit matrix product on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_gemm(x, self.in_channels) or self.groups != 1 or self.dilation != (1, 1):
+        if (
+            not _use_gemm(x, self.in_channels)
+            or self.groups != 1
+            or self.dilation != (1, 1)
+            or not self.weight.is_contiguous()  # channels-last weights: oneDNN's own kernels
+        ):
             return super().forward(x)
         b, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)
@@ -75,6 +80,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             or self.groups != 1
             or self.dilation != (1, 1)
             or self.output_padding != (0, 0)
+            or not self.weight.is_contiguous()
         ):
             return super().forward(x, output_size)
         b, c, h, w = x.shape

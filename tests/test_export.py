@@ -300,3 +300,22 @@ def test_predict_with_an_openvino_export_writes_the_same_results(openvino_dir, m
     results = predict(openvino_dir, [image_folder], tmp_path / "deployed", batch_size=2, progress=False)
     assert len(results) == 3 and all(r.mask is not None for r in results)  # the manifest's thresholds were used
     assert_same_results(tmp_path / "deployed", tmp_path / "eager")
+
+
+def test_graphs_over_two_gigabytes_keep_their_weights_in_one_data_file(onnx_dir, net, tmp_path):
+    """The tracer writes one file per tensor for models over protobuf's limit; the export has one."""
+    onnx = pytest.importorskip("onnx")
+    from realnet.export import _write_onnx
+
+    traced = tmp_path / "trace" / "model.onnx"
+    traced.parent.mkdir()
+    onnx.save_model(onnx.load(str(onnx_dir / "model.onnx")), str(traced), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list(traced.parent.iterdir())) > 10
+    folder = tmp_path / "export"
+    folder.mkdir()
+    _write_onnx(traced, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    manifest = json.loads((onnx_dir / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": ["model.onnx", "model.onnx.data"]}))
+    assert_parity(ExportedRealNet(folder), net, real_looking(2))

@@ -85,3 +85,16 @@ def test_small_map_matrix_product_path_equals_the_default_convolutions(batch, si
         (grad,) = torch.autograd.grad(out.square().sum(), x)
         (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_channels_last_unet_runs_and_matches_the_contiguous_one():
+    """`.to(memory_format=torch.channels_last)` used to break the small-map matrix-product path."""
+    torch.manual_seed(0)
+    unet = recon.ReconstructionUNet(64, channel_mult=(1, 2), attention_mult=(2,)).eval()
+    torch.nn.init.normal_(unet.out[-1].weight, std=0.05)
+    x = torch.randn(1, 64, 4, 6)
+    assert recon._use_gemm(torch.zeros(1, 32, 2, 3), 64)  # the deep level takes the matrix-product path
+    with torch.no_grad():
+        expected = unet(x)
+        fast = unet.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
