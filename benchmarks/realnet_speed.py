@@ -9,12 +9,16 @@ Rows:
 - tf_efficientnet_lite0 (24/40/112/256), batch 1 and 8;
 - one training step (forward on anomalous + clean images, CE + feature MSE, backward, Adam) at
   batch 8 for lite0 and WRN50.
+With --deploy, the deployment rows instead: WRN50 arch A, resnet18 64/128/256/128 and lite0 at
+batch 1 and 8, each in eager fp32, eager channels-last, ONNX Runtime and OpenVINO fp32 (the graphs
+written by `realnet export`, dynamic batch, parity check skipped: the test suite proves it). The
+runtime rows never import torch, so their peak RSS is that of a deployed model.
 WRN50 batch-8 rows are slow on one core, so they use fewer timed repeats (printed in the table).
 Both wall time and process CPU time are reported: on a shared machine, CPU time of the
 single-threaded process is the figure least distorted by other processes on the same core.
 
-Usage: python benchmarks/realnet_speed.py [--cpu 0] [--quick]
-Writes benchmarks/out/realnet_speed.json.
+Usage: python benchmarks/realnet_speed.py [--cpu 0] [--quick] [--deploy [--threads N]]
+Writes benchmarks/out/realnet_speed.json (--deploy: realnet_deploy_speed.json).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,20 +68,77 @@ def legacy_attention_forward(self, x):
     return (tokens + self.proj_out(attended)).reshape(b, c, h, w)
 
 
-def run_row(backbone: str, mode: str, batch: int, warmup: int, repeats: int) -> dict:
+ARCHITECTURES = {  # benchmark name -> RealNet keyword arguments
+    "wide_resnet50_2": {},
+    "resnet18": {"afs_channels": [64, 128, 256, 128]},
+    "tf_efficientnet_lite0": {},
+}
+DEPLOY_MODES = ("infer", "infer-channels-last", "onnx", "openvino")
+
+
+def benchmark_model(backbone: str):
+    """Random-weight RealNet with non-zero reconstruction outputs, as a trained model."""
     import torch
 
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
     from realnet.model import RealNet
+
+    torch.manual_seed(0)
+    model = RealNet(backbone=backbone, backbone_pretrained=False, **ARCHITECTURES.get(backbone, {}))
+    for unet in model.recon.unets:
+        torch.nn.init.normal_(unet.out[-1].weight, std=1e-3)
+    return model.eval()
+
+
+def export_for_benchmark(backbone: str, fmt: str, folder: Path) -> None:
+    """Child process: export the benchmark model (dynamic batch) with `realnet export`'s code."""
+    import torch
+
+    from realnet.export import export_model
+
+    torch.set_num_threads(1)
+    export_model(benchmark_model(backbone), folder, format=fmt, image_size=256, verify=False, overwrite=True)
+
+
+def run_deployed_row(folder: Path, batch: int, warmup: int, repeats: int, threads: int) -> dict:
+    """Child process: time an export with its runtime; torch is never imported."""
+    import numpy as np
+
+    from realnet.deploy import ExportedRealNet
+
+    deployed = ExportedRealNet(folder, num_threads=threads)
+    images = np.random.default_rng(0).random((batch, 3, 256, 256), dtype=np.float32)
+    times, cpu_times = [], []
+    for step in range(warmup + repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        deployed(images)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+    assert "torch" not in sys.modules
+    return {
+        "params_m": None,
+        "times_s": times,
+        "median_s": statistics.median(times),
+        "cpu_times_s": cpu_times,
+        "median_cpu_s": statistics.median(cpu_times),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_row(backbone: str, mode: str, batch: int, warmup: int, repeats: int, threads: int = 1) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
     from realnet.recon import AttentionBlock
 
     if mode == "infer-legacy":
         AttentionBlock.forward = legacy_attention_forward
-    model = RealNet(backbone=backbone, backbone_pretrained=False)
-    for unet in model.recon.unets:  # non-zero outputs, as a trained model
-        torch.nn.init.normal_(unet.out[-1].weight, std=1e-3)
+    model = benchmark_model(backbone)
     images = torch.rand(batch, 3, 256, 256)
+    if mode == "infer-channels-last":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     times, cpu_times = [], []
     if mode == "train":
@@ -116,16 +178,41 @@ def run_row(backbone: str, mode: str, batch: int, warmup: int, repeats: int) -> 
     }
 
 
+def write_results(data: dict, name: str) -> None:
+    """benchmarks/out/NAME, written atomically."""
+    path = Path(__file__).resolve().parent / "out" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", type=int, default=0, help="core to pin each row to (taskset protocol)")
     parser.add_argument("--quick", action="store_true", help="skip the WRN50 batch-8 and WRN50 training rows")
+    parser.add_argument("--deploy", action="store_true", help="the deployment rows: eager, channels-last, ONNX Runtime, OpenVINO")
+    parser.add_argument("--threads", type=int, default=1, help="threads per row for --deploy (1: pinned to --cpu)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--export-row", help=argparse.SUPPRESS)
+    parser.add_argument("--deployed-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.row:  # child process: one row, result as JSON on the last stdout line
-        backbone, mode, batch, warmup, repeats = args.row.split(",")
-        print(json.dumps(run_row(backbone, mode, int(batch), int(warmup), int(repeats))))
+        backbone, mode, batch, warmup, repeats, *threads = args.row.split(",")
+        print(json.dumps(run_row(backbone, mode, int(batch), int(warmup), int(repeats), int(threads[0]) if threads else 1)))
+        return
+    if args.export_row:
+        backbone, fmt, folder = args.export_row.split(",", 2)
+        export_for_benchmark(backbone, fmt, Path(folder))
+        return
+    if args.deployed_row:
+        folder, batch, warmup, repeats, threads = args.deployed_row.rsplit(",", 4)
+        print(json.dumps(run_deployed_row(Path(folder), int(batch), int(warmup), int(repeats), int(threads))))
+        return
+    if args.deploy:
+        deploy_main(args)
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -189,12 +276,87 @@ def main() -> None:
         "same_session_speedup_vs_official_style_attention": same_session_ratio,
         "rows": results,
     }
-    path = Path(__file__).resolve().parent / "out" / "realnet_speed.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_results(out, "realnet_speed.json")
+
+
+DEPLOY_ROWS = [
+    # (name, backbone, batch, warmup, repeats); small models first, so an interrupted run has them
+    ("lite0", "tf_efficientnet_lite0", 1, 1, 5),
+    ("lite0", "tf_efficientnet_lite0", 8, 1, 2),
+    ("resnet18 64/128/256/128", "resnet18", 1, 1, 5),
+    ("resnet18 64/128/256/128", "resnet18", 8, 1, 2),
+    ("wrn50 arch A", "wide_resnet50_2", 1, 1, 3),
+    ("wrn50 arch A", "wide_resnet50_2", 8, 0, 1),
+]
+MODE_NAMES = {"infer": "eager fp32", "infer-channels-last": "eager channels-last", "onnx": "ONNX Runtime",
+              "openvino": "OpenVINO fp32"}
+
+
+def deploy_main(args) -> None:
+    """Export each architecture once per runtime, then time every (architecture, batch, mode) row."""
+    threads = args.threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    pin = ["taskset", "-c", str(args.cpu)] if threads == 1 and hasattr(os, "sched_setaffinity") else []
+    exports = Path(__file__).resolve().parent / "out" / "exports"
+    results = []
+
+    def child(flag: str, value: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*pin, sys.executable, __file__, flag, value], capture_output=True, text=True,
+                              env=env, check=False)
+
+    for backbone in dict.fromkeys(b for _, b, *_ in DEPLOY_ROWS):
+        rows = [r for r in DEPLOY_ROWS if r[1] == backbone and not (args.quick and backbone == "wide_resnet50_2" and r[2] == 8)]
+        for mode in DEPLOY_MODES:
+            folder = exports / f"{backbone}-{mode}"
+            if mode in ("onnx", "openvino"):
+                started = time.perf_counter()
+                proc = child("--export-row", f"{backbone},{mode},{folder}")
+                if proc.returncode != 0:
+                    print(f"export {backbone} {mode}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                print(f"  exported {backbone} {mode} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            for name, _, batch, warmup, repeats in rows:
+                started = time.perf_counter()
+                if mode in ("onnx", "openvino"):
+                    proc = child("--deployed-row", f"{folder},{batch},{warmup},{repeats},{threads}")
+                else:
+                    proc = child("--row", f"{backbone},{mode},{batch},{warmup},{repeats},{threads}")
+                if proc.returncode != 0:
+                    print(f"{name} {mode} b{batch}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                official = OFFICIAL.get((backbone, "infer", batch))
+                row.update(name=name, backbone=backbone, mode=MODE_NAMES[mode], batch=batch, threads=threads,
+                           repeats=repeats, images_per_s=batch / row["median_s"],
+                           images_per_cpu_s=batch / row["median_cpu_s"], official_s=official,
+                           speedup_vs_official_wall=official / row["median_s"] if official else None,
+                           official_rss_mib=OFFICIAL_RSS_MIB.get((backbone, "infer", batch)))
+                results.append(row)
+                write_results({"partial": True, "threads": threads, "rows": results}, "realnet_deploy_speed.json")
+                print(f"  done {name} b{batch} {mode}: {row['median_s']:.3f} s ({time.perf_counter() - started:.0f} s wall)",
+                      file=sys.stderr)
+            if mode in ("onnx", "openvino"):
+                shutil.rmtree(folder, ignore_errors=True)  # graphs of WRN50 are GBs: never keep them
+    header = f"{'architecture':26} {'batch':>5} {'mode':20} {'img/s':>7} {'img/CPU s':>9} {'RSS MiB':>8} {'x official':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = r["speedup_vs_official_wall"]
+        print(f"{r['name']:26} {r['batch']:5d} {r['mode']:20} {r['images_per_s']:7.3f} {r['images_per_cpu_s']:9.3f}"
+              f" {r['peak_rss_mib']:8.0f} {format(ratio, '.2f') if ratio else '-':>10}")
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    out = {
+        "protocol": f"fp32, random weights, {threads} thread(s){' pinned with taskset' if pin else ''}, 256x256 input, "
+        "median after warm-up, peak RSS (ru_maxrss) of one subprocess per row; runtime rows load only the export "
+        "(no torch); exports: realnet export, dynamic batch, opset 17",
+        "threads": threads,
+        "load_average_at_end": load,
+        "rows": results,
+    }
+    write_results(out, "realnet_deploy_speed.json")
 
 
 if __name__ == "__main__":
