@@ -382,11 +382,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def resumable_checkpoint(run_dir: str | Path, num_processes: int) -> Path | None:
-    """The latest complete checkpoint of a run, checked to fit this launch's number of processes."""
+    """The latest complete checkpoint of a run, checked to fit this launch's number of processes.
+
+    Checkpoints in accelerate's pickle format (from earlier versions) are refused rather than
+    ignored: resuming would silently start the run again from scratch.
+    """
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         check_same_processes(checkpoint, read_json_object(checkpoint / TRAINER_STATE), num_processes)
-    return checkpoint
+        return checkpoint
+    root = Path(run_dir) / CHECKPOINT_DIR
+    legacy = sorted(p.name for p in root.glob("*/optimizer.bin")) if root.is_dir() else []
+    if legacy:
+        raise InputError(f"--resume {run_dir}: {root} holds only checkpoints in an older, pickled format "
+                         f"({len(legacy)}), which are never loaded; start again with --overwrite")
+    return None
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, model: torch.nn.Module,

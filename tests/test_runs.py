@@ -289,6 +289,17 @@ def test_a_tampered_checkpoint_is_a_one_line_refusal(tmp_path: Path, accelerator
         (folder / name).write_bytes(original)
 
 
+def test_only_pickled_checkpoints_of_an_older_version_are_refused_not_ignored(tmp_path: Path):
+    legacy = tmp_path / "checkpoints" / "iteration_00000004"
+    legacy.mkdir(parents=True)
+    _malicious_pickle(legacy / "optimizer.bin", tmp_path / "planted.txt")
+    (legacy / "complete").write_text("4")
+    with pytest.raises(InputError, match="older, pickled format") as info:
+        runs.resumable_checkpoint(tmp_path, 1)
+    assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()
+    assert runs.resumable_checkpoint(tmp_path / "fresh", 1) is None
+
+
 def test_a_checkpoint_of_another_model_is_an_input_error(tmp_path: Path, accelerator):
     model, optimizer, ema = _trained_pair(accelerator)
     folder = runs.save_checkpoint(accelerator, tmp_path, 1, model, {"optimizer": optimizer}, keep=1)
