@@ -360,3 +360,21 @@ def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(toy_data: Path, tmp_p
 
     AcceleratorState._reset_state(True)
     assert train_diffusion(_config(toy_data, tmp_path / "run", max_steps=2)).is_dir()
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_code(toy_data: Path, tmp_path: Path):
+    import pickle
+
+    class PlantsAFile:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "planted.txt", "code ran"))
+
+    out = tmp_path / "run"
+    train_diffusion(_config(toy_data, out, max_steps=1, checkpoint_every=1))
+    (training.latest_checkpoint(out) / "ema.safetensors").write_bytes(pickle.dumps(PlantsAFile()))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    with pytest.raises(InputError, match="ema.safetensors: not a valid checkpoint file") as info:
+        train_diffusion(_config(toy_data, out, max_steps=2, checkpoint_every=1, resume=True))
+    assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()
