@@ -1,20 +1,20 @@
 """Train RealNet on normal images with synthetic anomalies, with Accelerate.
 
-One function, :func:`train`, does the whole job described in the paper (reference §7): build the
+One function, :func:`train`, does the whole job described in the paper: build the
 synthetic-anomaly data (``sia``), select features once with AFS on 100 % anomalous batches, train the
 reconstruction networks and the discriminator, and write a ready-to-use model folder.
 
 Differences from the official loop, on purpose:
 - the checkpoint is the last one, or the best on a *validation split of training images* with fixed
   synthetic anomalies (``select="best"``); the test set is never looked at (official: best of 200
-  test-set evaluations, §11.1);
+  test-set evaluations);
 - a normal-only decision threshold is calibrated on held-out normal training images and stored next
   to the weights (``thresholds.json``), so ``realnet predict`` can output masks without ground truth;
 - runs resume after a kill (``resume=True``) from the latest ``checkpoints/`` state, with the same
   data order and anomalies as an uninterrupted run;
 - every process fits the feature statistics and runs AFS on the same seeded data, then the main
   process's statistics and indices are broadcast to the others, so all processes train the same
-  network (§11.19);
+  network;
 - the model card (``README.md``) states the licence inherited from the training images.
 
 Several processes (``accelerate launch --num_processes N``): each process takes every N-th batch,
