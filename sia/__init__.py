@@ -7,6 +7,7 @@ Augmentation (any detector):  AnomalySynthesizer, SyntheticAnomalyDataset, Foreg
     perlin_masks, foreground_masks, SIASource, DTDSource, CutPasteSource, make_source
 SDAS (diffusers):             SDASPipeline, SDASInpaintPipeline (in-context), SDASScheduler, SDASDDIMScheduler
 SIA data sets (datasets/Hub): load_sia, generate_dataset, push_sia_dataset
+anomalib (sia[anomalib]):     sia.anomalib.SiaAnomalyGenerator, sia.anomalib.use_sia
 """
 
 from __future__ import annotations
@@ -55,7 +56,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .synthesizer import AnomalySynthesizer, SynthesisResult, SyntheticAnomalyDataset
 
 
+_SUBMODULES = ("anomalib",)  # optional integrations, imported on first touch (``sia.anomalib``)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sia' has no attribute {name!r}")

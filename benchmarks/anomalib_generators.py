@@ -1,0 +1,261 @@
+"""Does sia's generator make anomalib's own DRAEM better than anomalib's stock generator?
+
+Protocol: anomalib's ``Draem`` (its Engine, its training loop, its optimiser and defaults; only the
+budget and the image size are ours) trained on the normal training images of each data set with
+one anomaly generator per arm, the same budget and seeds for every arm:
+
+- ``anomalib-perlin-dtd``: the stock ``PerlinAnomalyGenerator`` with DTD textures (DRAEM as shipped);
+- ``sia-dtd``: ``sia.anomalib.SiaAnomalyGenerator`` with the same DTD textures and the data set's
+  foreground preset;
+- ``sia-cutpaste``: sia with CutPaste (no texture data), same foreground preset;
+- ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``), when one is given.
+
+Images are resized to ``--image-size`` without cropping. The test maps of the last model (raw
+DRAEM softmax maps, before anomalib's normalisation) are scored with ``realnet.metrics``: image
+AUROC, pixel AUROC and PRO (FPR up to 0.3). Each run is written to
+``benchmarks/out/anomalib_generators_runs/<data>__<arm>__seed<N>.json`` as soon as it finishes, so
+an interrupted benchmark keeps what it measured and a rerun skips finished runs; ``--report``
+gathers them (mean ± sd over seeds) into ``benchmarks/out/anomalib_generators.{json,md}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/anomalib_generators.py --image-size 128 --steps 300 --seeds 0,1
+    OMP_NUM_THREADS=1 python benchmarks/anomalib_generators.py --data hazelnut_toy --arms sia-dtd,anomalib-perlin-dtd
+    python benchmarks/anomalib_generators.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+SHARED = Path(os.environ.get("SIA_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+DTD = SHARED / "dtd" / "images"
+OUT = HERE / "out"
+RUNS = OUT / "anomalib_generators_runs"
+WORK = OUT / "anomalib_generators_work"
+
+DATASETS = {
+    # name: (root, realnet.data layout, foreground preset)
+    "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", "hazelnut-toy"),
+    "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", "none"),
+}
+ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-cutpaste", "sia-folder")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
+
+
+def parse_names(known):
+    def parse(text: str) -> list[str]:
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or '(none)'}; expected some of {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def _save_png(tensor: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    array = (tensor.clamp(0, 1) * 255).round().to(torch.uint8)
+    array = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
+    Image.fromarray(array).save(path)
+
+
+def materialise(name: str, size: int) -> tuple[Path, dict]:
+    """The data set at ``size``² in anomalib's Folder layout (built once), plus the stacked test split."""
+    from realnet.data import load_split
+
+    root, layout, _ = DATASETS[name]
+    folder = WORK / "data" / f"{name}_{size}"
+    train = load_split(root, dataset=layout, split="train", image_size=size)
+    test = load_split(root, dataset=layout, split="test", image_size=size)
+    items = [test[i] for i in range(len(test))]
+    stacked = {
+        "images": torch.stack([x["image"] for x in items]),
+        "masks": torch.stack([x["mask"][0] for x in items]).numpy(),
+        "labels": np.array([x["label"] for x in items]),
+    }
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        for sub in ("train/good", "test/good", "test/bad", "ground_truth/bad"):
+            (folder / sub).mkdir(parents=True)
+        for i in range(len(train)):
+            _save_png(train[i]["image"], folder / "train" / "good" / f"{i:04d}.png")
+        for i, item in enumerate(items):
+            kind = "bad" if item["label"] else "good"
+            _save_png(item["image"], folder / "test" / kind / f"{i:04d}.png")
+            if item["label"]:
+                _save_png(item["mask"][0], folder / "ground_truth" / "bad" / f"{i:04d}.png")
+        (folder / "done").write_text("ok\n")
+    return folder, stacked
+
+
+def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | None):
+    from anomalib.models import Draem
+
+    from sia.anomalib import use_sia
+
+    foreground = DATASETS[name][2]
+    model = Draem(dtd_dir=str(DTD), pre_processor=Draem.configure_pre_processor((size, size)), visualizer=False)
+    if arm == "sia-dtd":
+        use_sia(model, source=f"dtd:{DTD}", category=foreground, seed=seed)
+    elif arm == "sia-cutpaste":
+        use_sia(model, source="cutpaste", category=foreground, seed=seed)
+    elif arm == "sia-folder":
+        use_sia(model, source=f"sia:{sia_folder}", category=foreground, seed=seed)
+    return model
+
+
+@torch.no_grad()
+def raw_maps(model, images: torch.Tensor, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """DRAEM's own anomaly maps and scores (before anomalib's min-max normalisation)."""
+    network = model.model.eval()
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        out = network(model.pre_processor.transform(images[start : start + batch_size]))
+        maps.append(out.anomaly_map.reshape(len(out.anomaly_map), *images.shape[-2:]).float())
+        scores.append(out.pred_score.reshape(-1).float())
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+def run(name: str, arm: str, seed: int, args) -> dict:
+    from anomalib.callbacks import ModelCheckpoint
+    from anomalib.data import Folder
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from realnet.metrics import evaluate_maps
+
+    folder, test = materialise(name, args.image_size)
+    seed_everything(seed, workers=True, verbose=False)
+    model = build_model(arm, name, seed, args.image_size, args.sia_folder)
+    datamodule = Folder(
+        name=name, root=folder, normal_dir="train/good", abnormal_dir="test/bad", normal_test_dir="test/good",
+        mask_dir="ground_truth/bad", train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0,
+        val_split_mode="none", seed=seed,
+    )
+    run_dir = WORK / "engine" / f"{name}__{arm}__seed{seed}"
+    engine = Engine(
+        accelerator="cpu", devices=1, max_steps=args.steps, logger=False, default_root_dir=run_dir,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=run_dir / "weights", save_top_k=0, save_last=False)],
+    )
+    start = time.perf_counter()
+    engine.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+    maps, scores = raw_maps(model, test["images"])
+    metrics = evaluate_maps(maps, test["masks"], scores, test["labels"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "data": name, "arm": arm, "seed": seed, "image_size": args.image_size, "steps": args.steps,
+        "batch_size": args.batch_size, "train_seconds": round(train_seconds, 1),
+        "seconds_per_step": round(train_seconds / args.steps, 3),
+        "generator": type(model.augmenter).__name__,
+        **{k: float(v) for k, v in metrics.items()},
+    }
+
+
+def environment() -> dict:
+    import anomalib
+    import lightning
+
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+        "python": platform.python_version(), "torch": torch.__version__, "anomalib": anomalib.__version__,
+        "lightning": lightning.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["data"], r["arm"], r["image_size"], r["steps"], r["batch_size"]), []).append(r)
+    rows = []
+    for (data, arm, size, steps, batch), members in sorted(groups.items(), key=lambda kv: (kv[0][0], ARMS.index(kv[0][1]))):
+        row = {"data": data, "arm": arm, "image_size": size, "steps": steps, "batch_size": batch,
+               "seeds": sorted(m["seed"] for m in members)}
+        for key in ("image_auroc", "pixel_auroc", "pro", "train_seconds"):
+            values = np.array([m[key] for m in members], dtype=float)
+            row[key] = float(values.mean())
+            row[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| data | generator | image AUROC | pixel AUROC | PRO | train s | seeds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" for k in ("image_auroc", "pixel_auroc", "pro")]
+        lines.append(f"| {r['data']} | {r['arm']} | {' | '.join(cells)} | {r['train_seconds']:.0f} ± {r['train_seconds_sd']:.0f} | {','.join(map(str, r['seeds']))} |")
+    return "\n".join(lines)
+
+
+def report() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
+    if not runs:
+        raise SystemExit(f"no runs in {RUNS}")
+    rows = aggregate(runs)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "anomalib_generators.json").write_text(json.dumps({"environment": environment(), "rows": rows, "runs": runs}, indent=2))
+    table = markdown(rows)
+    (OUT / "anomalib_generators.md").write_text(table + "\n")
+    print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=parse_names(tuple(DATASETS)), default=list(DATASETS), help="comma-separated data sets")
+    parser.add_argument("--arms", type=parse_names(ARMS), default=None, help="comma-separated arms (default: all; sia-folder needs --sia-folder)")
+    parser.add_argument("--sia-folder", default=None, help="a folder of SIA images for the sia-folder arm")
+    parser.add_argument("--seeds", type=parse_seeds, default=[0, 1], help="comma-separated seeds")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run (the budget)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="only gather finished runs into the table")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return
+    arms = args.arms or [a for a in ARMS if a != "sia-folder" or args.sia_folder]
+    if "sia-folder" in arms and not args.sia_folder:
+        parser.error("--arms sia-folder: needs --sia-folder DIR")
+    torch.set_num_threads(args.threads)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for name in args.data:
+        for seed in args.seeds:
+            for arm in arms:
+                path = RUNS / f"{name}__{arm}__seed{seed}__{args.image_size}px_{args.steps}steps_b{args.batch_size}.json"
+                if path.is_file():
+                    continue
+                result = run(name, arm, seed, args)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=2))
+                tmp.replace(path)
+                print(json.dumps(result), flush=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()
