@@ -508,6 +508,20 @@ def _save_model_atomically(model: nn.Module, folder: Path) -> None:
         model.save_pretrained(str(tmp))
 
 
+def recipe_loss(output, masks: torch.Tensor, recipe: Recipe, clean_features=None) -> dict:
+    """RealNet's training loss for one forward ``output`` with the recipe's loss settings."""
+    return realnet_loss(
+        output.logits,
+        masks,
+        output.reconstructions,
+        output.clean_features if clean_features is None else clean_features,
+        segmentation=recipe.segmentation_loss,
+        segmentation_weight=recipe.segmentation_weight,
+        reconstruction_weight=recipe.reconstruction_weight,
+        focal_gamma=recipe.focal_gamma,
+    )
+
+
 def _training_step(model, batch: dict, optimizer, scheduler, recipe: Recipe, accelerator, cache: Optional[CleanFeatureCache] = None) -> dict:
     images, clean, masks = batch["image"], batch["clean_image"], batch["mask"]
     with accelerator.autocast():
@@ -517,16 +531,7 @@ def _training_step(model, batch: dict, optimizer, scheduler, recipe: Recipe, acc
         else:
             output = model(images, clean_images=clean)
             clean_features = output.clean_features
-    losses = realnet_loss(
-        output.logits,
-        masks,
-        output.reconstructions,
-        clean_features,
-        segmentation=recipe.segmentation_loss,
-        segmentation_weight=recipe.segmentation_weight,
-        reconstruction_weight=recipe.reconstruction_weight,
-        focal_gamma=recipe.focal_gamma,
-    )
+    losses = recipe_loss(output, masks, recipe, clean_features)
     accelerator.backward(losses["loss"])
     if recipe.grad_clip_norm is not None and accelerator.sync_gradients:
         accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)

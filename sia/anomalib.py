@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from .errors import InputError
+from .errors import InputError, MissingExtraError
 from .foreground import ForegroundConfig
 from .sources import AnomalySource
 from .synthesizer import FLOAT_RANGE_TOLERANCE, AnomalySynthesizer
@@ -32,12 +32,17 @@ ANOMALIB_EXTRA = 'pip install "sia[anomalib]"'
 
 
 def import_anomalib_generators():
-    """anomalib's generators module, or a one-line InputError naming the extra to install."""
+    """anomalib's generators module, or a one-line MissingExtraError naming the extra to install."""
     try:
         from anomalib.data.utils import generators
     except ImportError as err:
-        raise InputError(f"anomalib is not installed ({err.name or err}); install it with {ANOMALIB_EXTRA}") from None
+        raise missing_anomalib(err) from None
     return generators
+
+
+def missing_anomalib(err: ImportError) -> MissingExtraError:
+    """The error for an environment without anomalib (or one of its dependencies)."""
+    return MissingExtraError(f"anomalib is not installed (no module {err.name or err}); install it with {ANOMALIB_EXTRA}")
 
 
 def _generator_from(seed: int | torch.Generator | None) -> torch.Generator:

@@ -10,6 +10,10 @@ class InputError(ValueError):
     """
 
 
+class MissingExtraError(InputError, ImportError):
+    """An optional extra is not installed; the message names the ``pip install`` command that adds it."""
+
+
 def report_input_errors(command):
     """Decorate a CLI command so an InputError prints as one line on stderr and exits with code 2."""
     import functools
