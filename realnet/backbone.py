@@ -91,6 +91,17 @@ def create_feature_extractor(name: str, layers: Sequence[int], pretrained: bool)
         raise
 
 
+def feature_strides(name: str, layers: Sequence[int]) -> list[int]:
+    """The reduction (input pixels per feature pixel) of each requested level, without weights.
+
+    The network is built on the meta device, so this costs no memory and reads no weights; it lets
+    a run check its image size before anything is trained or deleted.
+    """
+    with torch.device("meta"):
+        model = create_feature_extractor(name, check_layers(layers), pretrained=False)
+    return [int(r) for r in model.feature_info.reduction()]
+
+
 def is_lukemelas_efficientnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """True for EfficientNet-PyTorch style keys (`_conv_stem.weight`, `_blocks.0....`)."""
     return "_conv_stem.weight" in state_dict or any(k.startswith("_blocks.") for k in state_dict)

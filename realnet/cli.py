@@ -10,6 +10,8 @@ import typer
 
 from sia.errors import InputError, report_input_errors
 
+from .image_size import parse_image_size
+
 app = typer.Typer(
     name="realnet",
     help="RealNet anomaly detector: train on normal images with synthetic anomalies, evaluate, predict, export.",
@@ -17,6 +19,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+IMAGE_SIZE_HELP = ("Size the model runs at (default: its training size): N or HxW (height x width); another size than "
+                   "the training one is allowed and announced, since the stored thresholds were calibrated at it.")
 
 
 @app.command("train")
@@ -34,7 +40,9 @@ def train_command(
     backbone_weights: Annotated[Optional[Path], typer.Option(help="Local backbone weights (.safetensors or weights-only torch file), e.g. the offline EfficientNet-Lite0 file.")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Download the timm ImageNet weights of the backbone (ignored with --backbone-weights).")] = True,
     model_option: Annotated[Optional[list[str]], typer.Option("--model-option", help="Extra RealNet config, KEY=VALUE (JSON value), e.g. afs_channels=[24,40,112,256]; repeatable.")] = None,
-    image_size: Annotated[int, typer.Option(help="Square training/evaluation size in pixels (multiple of 32).")] = 256,
+    image_size: Annotated[str, typer.Option(help="Training size, saved with the model (eval and predict default to it): N for "
+                                            "N x N or HxW (height x width, e.g. 640x256 for tall images); each side a "
+                                            "multiple of the backbone's stride (32 for the default backbones).")] = "256",
     iterations: Annotated[Optional[int], typer.Option(help="Optimiser steps in all (takes precedence over --epochs).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training images (default 1000, as the paper, when --iterations is not given).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch and process (default: the recipe's, 16).")] = None,
@@ -59,7 +67,7 @@ def train_command(
         foreground=foreground, recipe=recipe, recipe_overrides=parse_key_values(recipe_option, "--recipe-option"),
         backbone=backbone, backbone_weights=str(backbone_weights) if backbone_weights else None,
         model_kwargs={"backbone_pretrained": pretrained, **parse_key_values(model_option, "--model-option")},
-        image_size=image_size, iterations=iterations, epochs=epochs, batch_size=batch_size, seed=seed,
+        image_size=parse_image_size(image_size, "--image-size"), iterations=iterations, epochs=epochs, batch_size=batch_size, seed=seed,
         mixed_precision=mixed_precision, resume=resume, overwrite=overwrite, afs_batches=afs_batches,
         validation_fraction=validation_fraction, validate_every=validate_every, select=select,
         checkpoint_every=checkpoint_every, threshold_fpr=threshold_fpr, num_workers=num_workers, cpu=cpu,
@@ -77,6 +85,7 @@ def eval_command(
     category: Annotated[Optional[list[str]], typer.Option("--category", help="Category to evaluate; repeat for several. Omit when --data is a single category folder.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for metrics.json and overlays/ (image | ground truth | heat map).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    image_size: Annotated[Optional[str], typer.Option(help=IMAGE_SIZE_HELP)] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write one overlay PNG per test image (needs --out).")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
@@ -85,7 +94,7 @@ def eval_command(
     from .evaluation import evaluate, format_table
 
     results = evaluate(model, data, dataset=dataset, categories=list(category or []) or [None], out=out,
-                       batch_size=batch_size, overlays=overlays, device=device or _default_device(),
+                       batch_size=batch_size, image_size=_size(image_size), overlays=overlays, device=device or _default_device(),
                        overwrite=overwrite)
     typer.echo(format_table(results))
     if out is not None:
@@ -99,6 +108,7 @@ def predict_command(
     model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder, a Hub id, or a folder written by `realnet export` (runs with ONNX Runtime / OpenVINO, without torch).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for scores.csv, scores.jsonl, maps/, masks/ and overlays/.")],
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    image_size: Annotated[Optional[str], typer.Option(help=IMAGE_SIZE_HELP)] = None,
     image_threshold: Annotated[Optional[float], typer.Option(help="Image score at or above which an image is anomalous (default: the model's normal-only calibrated value).")] = None,
     pixel_threshold: Annotated[Optional[float], typer.Option(help="Pixel score at or above which a pixel is anomalous in masks/ (default: the model's calibrated value).")] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write a heat-map overlay PNG per image.")] = True,
@@ -111,10 +121,15 @@ def predict_command(
 
     if device is None and not is_export_folder(model):  # an exported model must not load torch
         device = _default_device()
-    results = predict(model, images, out, batch_size=batch_size, image_threshold=image_threshold,
-                      pixel_threshold=pixel_threshold, overlays=overlays, device=device, overwrite=overwrite)
+    results = predict(model, images, out, batch_size=batch_size, image_size=_size(image_size),
+                      image_threshold=image_threshold, pixel_threshold=pixel_threshold, overlays=overlays,
+                      device=device, overwrite=overwrite)
     flagged = sum(1 for r in results if r.is_anomalous)
     typer.echo(f"{len(results)} images scored, {flagged} flagged anomalous; results in {out / 'scores.csv'}")
+
+
+def _size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    return None if text is None else parse_image_size(text, "--image-size")
 
 
 def _default_device() -> str:

@@ -25,7 +25,7 @@ def build_model(config: TrainingConfig, recipe: Recipe):
         kwargs["backbone"] = config.backbone
     if config.backbone_weights is not None:
         kwargs["backbone_weights"] = str(config.backbone_weights)
-    kwargs.setdefault("image_size", config.image_size)
+    kwargs.setdefault("image_size", list(config.size))
     check_model_kwargs(kwargs)
     try:
         return RealNet(**kwargs)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sia.errors import InputError
 
+from .image_size import inference_size
 from .outputs import check_batch_size, check_out_folder, remove_previous_results  # noqa: F401 - re-exported
 
 MODEL_SUBDIR = "model"
@@ -81,14 +82,6 @@ def load_thresholds(model: Any) -> Optional[dict]:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
-
-
-def _model_size(model) -> tuple[int, int]:
-    """(H, W) the model was trained at."""
-    size = getattr(model, "image_size", None) or 256
-    if isinstance(size, (tuple, list)):
-        return int(size[0]), int(size[1])
-    return int(size), int(size)
 
 
 def _collate(items: list[dict]) -> dict:
@@ -175,9 +168,13 @@ def evaluate(
     progress: bool = True,
     fpr_limit: float = 0.3,
     overwrite: bool = False,
+    image_size: Optional[int | str | Sequence[int]] = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per category (and their mean when there are several); writes ``metrics.json`` and
-    overlays under ``out`` when given (a non-empty ``out`` needs ``overwrite``)."""
+    overlays under ``out`` when given (a non-empty ``out`` needs ``overwrite``).
+
+    Images, masks and maps are compared at ``image_size`` (``256``, ``"640x256"`` or (H, W)),
+    by default the size the model was trained at."""
     from .data import load_split
     from .metrics import evaluate_maps
 
@@ -190,7 +187,7 @@ def evaluate(
     net = load_model(model, device=device)
     if out is not None:
         remove_previous_results(Path(out), EVAL_OUTPUTS)
-    size = _model_size(net)
+    size = inference_size(net, image_size, "--image-size")
     results: dict[str, dict[str, float]] = {}
     names = list(categories) or [None]
     if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":

@@ -334,19 +334,26 @@ class RealNet(
         )
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 8, resize: bool = True) -> RealNetPrediction:
+    def predict(
+        self, images: torch.Tensor, batch_size: int = 8, resize: bool = True, image_size: Any = None
+    ) -> RealNetPrediction:
         """Anomaly maps and image scores in eval mode, without gradients, batch by batch.
 
         `images`: (B,3,H,W) or (3,H,W) in [0,1]. With `resize`, images are resized to `image_size`
-        (bilinear, antialiased) and the maps are returned at `image_size`, as in the official evaluation.
+        (bilinear, antialiased) and the maps are returned at that size, as in the official evaluation.
+        `image_size` (256, "640x256" or (H, W)) defaults to the training size; another size is
+        allowed (a one-line notice says so).
         """
+        from .image_size import inference_size
+
+        size = list(inference_size(self, image_size))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
         if isinstance(images, torch.Tensor) and images.ndim == 3:
             images = images.unsqueeze(0)
         images = self._check_images(images, "images")
-        if resize and list(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=tuple(self.image_size), mode="bilinear", antialias=True).clamp(0, 1)
+        if resize and list(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True).clamp(0, 1)
         was_training = self.training
         self.eval()
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from sia.errors import InputError
 
 from .deploy import ExportedRealNet, is_export_folder
+from .image_size import format_image_size, inference_size, parse_image_size
 from .outputs import check_batch_size, check_out_folder
 from .prediction_files import (  # noqa: F401 - part of this module's public names
     PREDICT_OUTPUTS,
@@ -35,6 +36,7 @@ def predict(
     inputs: Sequence[str | Path],
     out: str | Path,
     batch_size: int = 8,
+    image_size: int | str | Sequence[int] | None = None,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
     overlays: bool = True,
@@ -45,6 +47,8 @@ def predict(
     """Score every image and write ``scores.csv``, ``scores.jsonl``, ``maps/``, ``masks/``, ``overlays/``.
 
     ``model``: a RealNet, a model or training output folder, a Hub id, or an export folder.
+    Images are resized to ``image_size`` (``256``, ``"640x256"`` or (H, W); default: the model's
+    training size, the only size an export runs at) and maps come back at each image's own size.
     Thresholds default to the model's stored normal-only ones; with neither, no decision or mask is
     written (scores and maps still are). A non-empty ``out`` needs ``overwrite``, which first deletes
     the results of the earlier run.
@@ -57,8 +61,11 @@ def predict(
             raise InputError(f"--device {device}: an exported model runs on the CPU (omit --device)")
         deployed = ExportedRealNet(model)
         stored, size, score_batch = deployed.thresholds, deployed.image_size, deployed.score_batch
+        if image_size is not None and parse_image_size(image_size, "--image-size") != tuple(size):
+            raise InputError(f"--image-size {format_image_size(parse_image_size(image_size))}: the export in {model} "
+                             f"runs at {format_image_size(size)} only (export again with realnet export --image-size)")
     else:
-        stored, size, score_batch = _torch_model(model, device)
+        stored, size, score_batch = _torch_model(model, device, image_size)
     image_threshold = stored.get("image_threshold") if image_threshold is None else image_threshold
     pixel_threshold = stored.get("pixel_threshold") if pixel_threshold is None else pixel_threshold
     return write_predictions(
@@ -66,11 +73,11 @@ def predict(
     )
 
 
-def _torch_model(model: Any, device: str | None) -> tuple[dict, tuple[int, int], ScoreBatch]:
+def _torch_model(model: Any, device: str | None, image_size: Any = None) -> tuple[dict, tuple[int, int], ScoreBatch]:
     """Stored thresholds, input size and scoring function of an eager PyTorch RealNet."""
     import torch
 
-    from .evaluation import _model_size, load_model, load_thresholds
+    from .evaluation import load_model, load_thresholds
 
     stored = load_thresholds(model) or {}
     net = load_model(model, device=device)
@@ -81,4 +88,4 @@ def _torch_model(model: Any, device: str | None) -> tuple[dict, tuple[int, int],
             output = net(torch.from_numpy(images).to(net_device))
         return output.anomaly_map[:, 0].float().cpu().numpy(), output.image_score.float().cpu().numpy()
 
-    return stored, _model_size(net), score_batch
+    return stored, inference_size(net, image_size, "--image-size"), score_batch

@@ -56,6 +56,7 @@ from .batching import BalancedBatchSampler, EpochBatchSampler, collate, seeded_b
 from .calibration import calibrate_on_held_out_images, calibrate_thresholds
 from .construction import build_model, check_model_kwargs, make_optimizer
 from .feature_cache import CleanFeatureCache
+from .image_size import check_stride, parse_image_size
 from .losses import realnet_loss
 from .options import parse_key_values
 from .recipes import DEFAULT_RECIPE, Recipe, get_recipe
@@ -89,7 +90,7 @@ class TrainingConfig:
     backbone: Optional[str] = None
     backbone_weights: Optional[str] = None
     model_kwargs: dict = field(default_factory=dict)
-    image_size: int = 256
+    image_size: int | str | Sequence[int] = 256  # 256, "640x256" or (height, width)
     iterations: Optional[int] = None
     epochs: Optional[int] = None
     batch_size: Optional[int] = None
@@ -113,7 +114,13 @@ class TrainingConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["categories"] = list(self.categories)
+        data["image_size"] = list(self.size)
         return data
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``image_size`` as (height, width)."""
+        return parse_image_size(self.image_size, "--image-size")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,13 +194,22 @@ def _validate_config(config: TrainingConfig) -> None:
     check_mixed_precision(config.mixed_precision, config.cpu)
     if config.afs_batches < 1:
         raise InputError(f"--afs-batches: expected a positive number, got {config.afs_batches}")
-    if config.image_size < 32 or config.image_size % 32:
-        raise InputError(f"--image-size: expected a multiple of 32 (>= 32), got {config.image_size}")
+    _check_image_size(config)
     if not 0.0 < config.threshold_fpr < 1.0:
         raise InputError(f"--threshold-fpr: expected a value in (0, 1), got {config.threshold_fpr}")
     if not Path(config.data).is_dir():
         raise InputError(f"--data {config.data}: no such folder")
     check_model_kwargs(config.model_kwargs)
+
+
+def _check_image_size(config: TrainingConfig) -> None:
+    """``--image-size`` parses and fits the backbone's stride (checked on a weightless copy)."""
+    from .backbone import DEFAULT_BACKBONE, DEFAULT_LAYERS, feature_strides
+
+    backbone = config.backbone or config.model_kwargs.get("backbone") or DEFAULT_BACKBONE
+    layers = config.model_kwargs.get("layers") or DEFAULT_LAYERS
+    stride = max(feature_strides(backbone, layers))
+    check_stride(config.size, stride, "--image-size", f"backbone {backbone} at layers {list(layers)}")
 
 
 def _resolve_recipe(config: TrainingConfig) -> Recipe:

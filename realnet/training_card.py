@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .image_size import format_image_size
+
 if TYPE_CHECKING:
     from .recipes import Recipe
     from .training import TrainingConfig, TrainingProgress
@@ -24,7 +26,7 @@ def write_training_card(model_dir: Path, model: nn.Module, config: TrainingConfi
     names = [c.name for c in categories]
     training = {
         "recipe": recipe.name, "iterations": progress.iteration, "saved weights": f"{config.select} (iteration {selected})",
-        "batch size per process": recipe.batch_size, "processes": num_processes, "image size": config.image_size,
+        "batch size per process": recipe.batch_size, "processes": num_processes, "image size": format_image_size(config.size),
         "anomaly source": config.source, "AFS batches": config.afs_batches, "seed": config.seed,
         "training images": sum(len(c.train) for c in categories),
         "held-out normal images": sum(len(c.holdout) for c in categories),
@@ -35,7 +37,7 @@ def write_training_card(model_dir: Path, model: nn.Module, config: TrainingConfi
         "dataset": dataset if dataset in SOURCE_DATASETS else None,
         "category": names[0] if len(names) == 1 else ", ".join(names),
         "backbone": getattr(getattr(model, "backbone", None), "name", None) or config.backbone or "wide_resnet50_2",
-        "image_size": config.image_size, "training": training,
+        "image_size": list(config.size), "training": training,
         "source": f"trained with `realnet train` on the normal training images of {', '.join(names)}",
     }
     write_model_card(model_dir, "realnet", **facts)

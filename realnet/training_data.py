@@ -69,7 +69,7 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
 
     from .data import available_categories, load_split
 
-    size = (config.image_size, config.image_size)
+    size = config.size
     names: list[Optional[str]] = list(config.categories) or [None]
     if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
         names = list(available_categories(config.data, config.dataset))
