@@ -191,3 +191,7 @@ def convert_official_command(
     convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
                              card_facts=facts)
     typer.echo(f"RealNet model: {output} (load with RealNet.from_pretrained)")
+
+
+if __name__ == "__main__":  # `python -m realnet.cli ...` runs the same app as the `realnet` script
+    app()

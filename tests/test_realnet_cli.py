@@ -173,3 +173,12 @@ def test_a_second_run_into_the_same_out_needs_overwrite_and_leaves_no_stale_file
     replaced = runner.invoke(app, [*args, "--device", "cpu", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert not stale.exists() and result_file.is_file() and keep.read_text() == "mine"
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "realnet.cli", "predict", "--help"], capture_output=True, text=True,
+                            check=False, timeout=300)
+    assert result.returncode == 0 and "--image-size" in result.stdout
