@@ -222,6 +222,18 @@ def render_incontext(data: dict) -> list[str]:
     return lines
 
 
+def render_anomalib_generators(data: dict) -> list[str]:
+    sys.path.insert(0, str(HERE))
+    from anomalib_generators import markdown  # the same table as benchmarks/out/anomalib_generators.md
+
+    rows = data.get("rows", [])
+    settings = sorted({(r["image_size"], r["steps"], r["batch_size"]) for r in rows})
+    lines = [("anomalib's own DRAEM (its Engine, loop, optimiser and defaults) with each anomaly generator; "
+              "budget (image size², steps, batch): " + ", ".join(f"{s}², {n} steps, batch {b}" for s, n, b in settings)
+              + "; the last model; raw DRAEM maps scored with realnet.metrics (PRO to FPR 0.3); one thread."), ""]
+    return lines + markdown(rows).splitlines()
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -251,6 +263,8 @@ BENCHMARKS = [
               "recipe.json", render_recipe, ((), ("--report",)), heavy=True),
     Benchmark("incontext", "In-context SDAS vs SDAS + Eq. 3: alignment, seams, Lite0 realism", "incontext.py",
               "incontext.json", render_incontext, (("--features",),), heavy=True),
+    Benchmark("anomalib_generators", "anomalib's DRAEM: its stock anomaly generator vs sia's", "anomalib_generators.py",
+              "anomalib_generators.json", render_anomalib_generators, ((),), heavy=True),
 ]
 
 
