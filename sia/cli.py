@@ -247,10 +247,16 @@ def convert_official_command(
                                              "(folder).")],
     dataset: Annotated[str, typer.Option("--dataset", help="Benchmark the source belongs to (mvtec-ad, visa, mpdd, "
                                           "btad): fixes the category order = class ids, licence and citations.")] = "mvtec-ad",
-    image_size: Annotated[int, typer.Option("--image-size", help="Image size the diffusion model was trained "
-                                             "at (official: 256).")] = 256,
-    head_channels: Annotated[int, typer.Option("--head-channels", help="Attention head width of the UNet "
-                                                "(official: 64).")] = 64,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Image size the diffusion model was "
+                                                       "trained at. Not stored in the weights: read from the "
+                                                       "checkpoint's arch, or 256 for the released layout; "
+                                                       "otherwise required.")] = None,
+    head_channels: Annotated[Optional[int], typer.Option("--head-channels", help="Attention head width of the "
+                                                          "UNet. Not stored in the weights: read from the "
+                                                          "checkpoint's arch, or 64 for the released layout; "
+                                                          "otherwise required (or --num-heads).")] = None,
+    num_heads: Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads per layer, instead of "
+                                                      "--head-channels (guided-diffusion's num_heads).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Convert official RealNet releases: diffusion checkpoint -> SDASPipeline, SIA images -> SIA set."""
@@ -261,7 +267,7 @@ def convert_official_command(
         typer.echo(f"SIA set: {out} (load with sia.load_sia, publish with `sia push`)")
     else:
         out = convert_official_sdas(source, output, dataset=dataset, sample_size=image_size,
-                                    num_head_channels=head_channels, overwrite=overwrite)
+                                    num_head_channels=head_channels, num_heads=num_heads, overwrite=overwrite)
         typer.echo(f"SDAS pipeline: {out} (load with SDASPipeline.from_pretrained)")
 
 

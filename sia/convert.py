@@ -33,6 +33,7 @@ __all__ = [
     "load_official_checkpoint",
     "strip_prefix",
     "adm_unet_config",
+    "adm_settings_from_metadata",
     "adm_to_diffusers_state_dict",
     "convert_adm_unet",
     "convert_official_sdas",
@@ -142,18 +143,65 @@ def _is_attention(state: Mapping[str, torch.Tensor], prefix: str) -> bool:
     return f"{prefix}.qkv.weight" in state
 
 
+# The released SDAS models and OpenAI's 256x256 ADM share one layout; for it the settings the weights
+# do not store are known: 256 px images and 64-channel attention heads.
+_OFFICIAL_LAYOUT = dict(widths=(256, 256, 512, 512, 1024, 1024), layers=2,
+                        attention=(False, False, False, True, True, True))
+_OFFICIAL_SETTINGS = {"sample_size": 256, "num_head_channels": 64}
+
+
+def _positive_int(value: Any) -> int | None:
+    try:
+        number = int(value[0] if isinstance(value, (list, tuple)) else value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return number if number > 0 else None
+
+
+def adm_settings_from_metadata(metadata: Mapping[str, Any] | None) -> dict[str, int]:
+    """Image size and attention heads recorded in an official checkpoint's `arch` (its training config).
+
+    The official config keeps them under `unet` (`num_head_channels`, -1 = use `num_heads`;
+    `image_size`) and the image size also under `dataset` (`input_size`, `H`). Absent values are left out.
+    """
+    arch = (metadata or {}).get("arch")
+    if not isinstance(arch, Mapping):
+        return {}
+    unet = arch.get("unet") if isinstance(arch.get("unet"), Mapping) else {}
+    dataset = arch.get("dataset") if isinstance(arch.get("dataset"), Mapping) else {}
+    found: dict[str, int] = {}
+    head_channels, heads = _positive_int(unet.get("num_head_channels")), _positive_int(unet.get("num_heads"))
+    if head_channels:
+        found["num_head_channels"] = head_channels
+    elif heads:
+        found["num_heads"] = heads
+    for value in (unet.get("image_size"), dataset.get("input_size"), dataset.get("H")):
+        if _positive_int(value):
+            found["sample_size"] = _positive_int(value)
+            break
+    return found
+
+
 def adm_unet_config(
     state_dict: Mapping[str, torch.Tensor],
-    sample_size: int = 256,
-    num_head_channels: int | None = 64,
+    sample_size: int | None = None,
+    num_head_channels: int | None = None,
     num_heads: int | None = None,
     norm_num_groups: int = 32,
     source: str = "checkpoint",
+    metadata: Mapping[str, Any] | None = None,
+    fallback_head_channels: int | None = None,
 ) -> dict[str, Any]:
     """Infer the `UNet2DModel` config of an ADM state dict from its key layout and tensor shapes.
 
-    What shapes cannot tell (image size, attention head width, GroupNorm groups) comes from the
-    arguments; the defaults are those of the official SDAS and OpenAI 256x256 models.
+    The shapes determine the widths, levels, residual blocks, attention levels, time-embedding style,
+    in/out channels and classes. They cannot determine the image size (the UNet is fully
+    convolutional) nor the attention heads (legacy qkv weights have the same shape for any head
+    count); these come from the arguments, else from the checkpoint's `arch` metadata, else from the
+    released official layout when the weights have it, else an InputError names the argument
+    (`fallback_head_channels`, when given, is used instead of refusing the head width: for
+    initialising another model from the weights, where any grouping of the qkv rows is acceptable).
+    GroupNorm uses 32 groups, a constant of the ADM code.
     """
     required = ["input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight", "time_embed.2.weight"]
     absent = [key for key in required if key not in state_dict]
@@ -195,10 +243,28 @@ def adm_unet_config(
     for width in set(widths):
         if width % norm_num_groups:
             raise InputError(f"{source}: width {width} is not divisible by {norm_num_groups} GroupNorm groups")
+    known: dict[str, int] = {}
+    if (tuple(widths), layers, tuple(attention)) == tuple(_OFFICIAL_LAYOUT.values()):
+        known.update(_OFFICIAL_SETTINGS)
+    known.update(adm_settings_from_metadata(metadata))
+    if num_head_channels is None and num_heads is None:
+        num_head_channels, num_heads = known.get("num_head_channels"), known.get("num_heads")
+    if num_head_channels is None and num_heads is None:
+        num_head_channels = fallback_head_channels
+    if num_head_channels is None and num_heads is None:
+        raise InputError(f"{source}: the attention head width is not stored in ADM weights (its qkv shape is the same "
+                         "for any head count) and the checkpoint has no arch entry for it; pass num_head_channels "
+                         "(--head-channels) or num_heads (--num-heads)")
+    if sample_size is None:
+        sample_size = known.get("sample_size")
+    if sample_size is None:
+        raise InputError(f"{source}: the image size is not stored in ADM weights (the UNet is fully convolutional) and "
+                         "the checkpoint has no arch entry for it; pass sample_size (--image-size)")
     attention_widths = {w for w, a in zip(widths, attention) if a} | {widths[-1]}
     if num_head_channels is None:
-        if num_heads is None or len(attention_widths) != 1:
-            raise InputError("give num_head_channels, or num_heads when every attention layer has the same width")
+        if len(attention_widths) != 1:
+            raise InputError(f"{source}: num_heads maps onto UNet2DModel only when every attention layer has the same "
+                             f"width (widths {sorted(attention_widths)}); pass num_head_channels (--head-channels)")
         head_dim = next(iter(attention_widths)) // num_heads
     else:
         head_dim = num_head_channels
@@ -332,16 +398,19 @@ def adm_to_diffusers_state_dict(
 
 def convert_adm_unet(
     state_dict: Mapping[str, torch.Tensor],
-    sample_size: int = 256,
-    num_head_channels: int | None = 64,
+    sample_size: int | None = None,
+    num_head_channels: int | None = None,
     num_heads: int | None = None,
     norm_num_groups: int = 32,
     source: str = "checkpoint",
+    metadata: Mapping[str, Any] | None = None,
 ):
-    """Build a `UNet2DModel` holding the weights of an ADM state dict (strict: every key used)."""
+    """Build a `UNet2DModel` holding the weights of an ADM state dict (strict: every key used).
+
+    Settings the weights do not store are resolved as in `adm_unet_config`."""
     from diffusers import UNet2DModel
 
-    config = adm_unet_config(state_dict, sample_size, num_head_channels, num_heads, norm_num_groups, source)
+    config = adm_unet_config(state_dict, sample_size, num_head_channels, num_heads, norm_num_groups, source, metadata)
     converted = adm_to_diffusers_state_dict(state_dict, config, source)
     unet = UNet2DModel(**config)
     expected = unet.state_dict()
@@ -360,22 +429,27 @@ def convert_official_sdas(
     output_dir: str | Path,
     dataset: str = "mvtec-ad",
     categories: list[str] | None = None,
-    sample_size: int = 256,
-    num_head_channels: int = 64,
+    sample_size: int | None = None,
+    num_head_channels: int | None = None,
     overwrite: bool = False,
     card_facts: Mapping[str, Any] | None = None,
+    num_heads: int | None = None,
 ) -> Path:
     """Convert an official SDAS diffusion checkpoint into an `SDASPipeline` folder.
 
     `categories` defaults to the official class-id order of `dataset`; their number must equal
     the checkpoint's class embeddings. The pipeline uses the default `SDASScheduler` (T=1000,
     linear betas, learned-range variance), the schedule the official model was trained with.
+    `sample_size` and the attention heads (`num_head_channels` or `num_heads`) are not stored in
+    the weights: when not given they come from the checkpoint's `arch` or the released layout,
+    else the conversion is refused (see `adm_unet_config`).
     """
     output_dir = writable_folder_path(output_dir, "output_dir")
     separate_output(output_dir, [checkpoint], "output_dir")
     check_replaceable(output_dir, overwrite, _pipeline_files(output_dir), "output_dir", "sia convert-official")
     state, metadata = load_official_checkpoint(checkpoint)
-    unet = convert_adm_unet(state, sample_size=sample_size, num_head_channels=num_head_channels, source=str(checkpoint))
+    unet = convert_adm_unet(state, sample_size=sample_size, num_head_channels=num_head_channels, num_heads=num_heads,
+                            source=str(checkpoint), metadata=metadata)
     if categories is None:
         dataset = resolve_dataset(dataset)
         categories = list(DATASET_CATEGORIES[dataset])
@@ -392,7 +466,7 @@ def convert_official_sdas(
 
     pipe = SDASPipeline(unet=unet, scheduler=SDASScheduler(), categories=list(categories))
     facts = {
-        "dataset": dataset, "categories": list(categories), "image_size": sample_size,
+        "dataset": dataset, "categories": list(categories), "image_size": unet.config.sample_size,
         "source": f"converted from the official RealNet checkpoint {Path(checkpoint).name}"
                   + (f" (epoch {metadata['epoch']})" if "epoch" in metadata else ""),
     }

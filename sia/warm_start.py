@@ -50,9 +50,12 @@ def _file_state_dict(path: Path, target_config: dict[str, Any]) -> dict[str, tor
         return load_file(str(path))
     from .convert import adm_to_diffusers_state_dict, adm_unet_config, load_official_checkpoint, strip_prefix
 
-    state, _ = load_official_checkpoint(path)
+    state, metadata = load_official_checkpoint(path)
     if "input_blocks.0.0.weight" in state:  # guided-diffusion / official SDAS layout: convert the names
-        config = adm_unet_config(state, sample_size=target_config["sample_size"], source=str(path))
+        # The source's attention heads (they order its qkv rows) come from its arch or the released
+        # layout; when neither tells, the target UNet's head width is the best initialisation.
+        config = adm_unet_config(state, sample_size=target_config["sample_size"], source=str(path), metadata=metadata,
+                                 fallback_head_channels=target_config.get("attention_head_dim") or 64)
         return adm_to_diffusers_state_dict(state, config, source=str(path))
     return strip_prefix(state, "module.")
 

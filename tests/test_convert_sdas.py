@@ -12,6 +12,7 @@ from official_adm import OfficialADM, randomize_
 from sia.convert import (
     adm_unet_config,
     convert_adm_unet,
+    convert_official_sdas,
     load_official_checkpoint,
 )
 from sia.errors import InputError
@@ -140,3 +141,65 @@ def test_bad_checkpoints_are_one_line_input_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="junk.pt"):
         load_official_checkpoint(tmp_path / "junk.pt")
+
+
+def test_head_width_and_image_size_are_refused_when_the_weights_do_not_tell():
+    """A 32-wide checkpoint with 32-channel heads: the shapes are those of any head count, so no guess."""
+    state = _official(head_channels=32).state_dict()
+    with pytest.raises(InputError, match=r"num_head_channels \(--head-channels\) or num_heads") as err:
+        convert_adm_unet(state, sample_size=SIZE)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match=r"sample_size \(--image-size\)") as err:
+        convert_adm_unet(state, num_head_channels=32)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="same width"):
+        adm_unet_config(_official(num_res_blocks=2, channel_mult=(1, 2, 2), attention_ds=(1, 2)).state_dict(),
+                        sample_size=SIZE, num_heads=2)
+
+
+@pytest.mark.parametrize("unet_arch", [{"num_head_channels": 32, "num_heads": 4}, {"num_head_channels": -1, "num_heads": 2}])
+def test_arch_metadata_gives_head_width_and_image_size(tmp_path, unet_arch):
+    """The official checkpoints carry their training config (`arch`): heads and size come from it."""
+    reference = _official(head_channels=32)
+    arch = {"unet": {"classifier_width": 32, **unet_arch}, "dataset": {"input_size": [SIZE, SIZE]}}
+    path = tmp_path / "ckpt_240.pth.tar"
+    torch.save({"epoch": 240, "arch": arch, "state_dict": reference.state_dict()}, path)
+    out = convert_official_sdas(path, tmp_path / "pipe", dataset="btad")
+    from sia.pipeline import SDASPipeline
+
+    unet = SDASPipeline.from_pretrained(out).unet
+    assert unet.config.sample_size == SIZE and unet.config.attention_head_dim == 32
+    assert _compare(reference, unet) < 1e-4
+    # the old default (64-channel heads) computes something else: the metadata matters
+    assert _compare(reference, convert_adm_unet(reference.state_dict(), sample_size=SIZE, num_head_channels=64)) > 1e-2
+
+
+def test_the_released_layout_needs_no_settings():
+    """The released SDAS / OpenAI 256x256 layout is recognised: 256 px, 64-channel heads (shapes only, meta device)."""
+    with torch.device("meta"):
+        released = OfficialADM(model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
+                               attention_ds=(8, 16, 32), head_channels=64, num_classes=15)
+    config = adm_unet_config(released.state_dict())
+    assert config["sample_size"] == 256 and config["attention_head_dim"] == 64
+    assert config["block_out_channels"] == (256, 256, 512, 512, 1024, 1024) and config["num_class_embeds"] == 15
+    assert adm_unet_config(released.state_dict(), sample_size=128, num_head_channels=128)["attention_head_dim"] == 128
+
+
+def test_cli_names_the_missing_flag_and_init_from_still_reads_the_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from sia.cli import app
+    from sia.warm_start import load_init_state_dict
+
+    reference = _official(head_channels=32)
+    path = tmp_path / "small.pt"
+    torch.save({"state_dict": reference.state_dict()}, path)
+    result = CliRunner().invoke(app, ["convert-official", str(path), str(tmp_path / "pipe"), "--dataset", "btad",
+                                      "--image-size", str(SIZE)])
+    assert result.exit_code == 2 and "--head-channels" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "pipe").exists()
+    # --init-from only initialises another UNet: the target's head width groups the qkv rows
+    state = load_init_state_dict(str(path), {"sample_size": SIZE, "attention_head_dim": 32})
+    unet = convert_adm_unet(reference.state_dict(), sample_size=SIZE, num_head_channels=32)
+    assert state.keys() == unet.state_dict().keys()
+    assert all(torch.equal(state[k], unet.state_dict()[k]) for k in state)
