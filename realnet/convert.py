@@ -267,7 +267,7 @@ def infer_realnet_config(
     return dict(
         backbone=backbone, layers=layers, afs_channels=afs_channels, rrs_top_k=top_k, image_size=image_size,
         image_score="pool16", standardize_features=False, rrs_bn_momentum=0.9,
-        discriminator_residual_layers=residual_layers, backbone_pretrained=False, **recon,
+        discriminator_residual_layers=residual_layers, backbone_pretrained=False, recon_norm_groups="official", **recon,
     )
 
 

@@ -118,6 +118,9 @@ class RealNet(
         rrs_bn_momentum: momentum of the RRS ranking BatchNorm. 0.9 is official (the test-time
             ranking then reflects mostly the last training batch); None = cumulative average.
         recon_width_ratio, recon_channel_mult, recon_num_res_blocks, recon_attention_mult: U-Net shape.
+        recon_norm_groups: GroupNorm groups of the U-Nets: "adaptive" (32 where the width allows it,
+            fewer for narrow layers) or "official" (always 32, as the official network; converted
+            official checkpoints use it).
         discriminator_residual_layers: residual layers in the segmentation head.
         backbone_pretrained: download timm/Hub ImageNet weights on construction.
         backbone_weights: local weights file for the backbone (safetensors or torch weights-only;
@@ -141,6 +144,7 @@ class RealNet(
         discriminator_residual_layers: int = 2,
         backbone_pretrained: bool = True,
         backbone_weights: str | None = None,
+        recon_norm_groups: str = "adaptive",
     ) -> None:
         super().__init__()
         if image_score not in IMAGE_SCORE_MODES:
@@ -171,6 +175,7 @@ class RealNet(
             channel_mult=channel_mult,
             num_res_blocks=recon_num_res_blocks,
             attention_mult=attention_mult,
+            norm_groups=recon_norm_groups,
         )
         self.rrs = ResidualSelection(total, top_k, rrs_bn_momentum)
         self.discriminator = Discriminator(self.rrs.out_channels, discriminator_residual_layers)

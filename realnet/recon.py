@@ -4,9 +4,11 @@ One U-Net per feature level maps features of a possibly anomalous image to the f
 normal counterpart. Layout as the official network (GroupNorm, single-conv ResBlocks, attention at
 downsample factors 2 and 4 and in the middle, zero-initialised output so the reconstruction starts
 at exactly 0), but it accepts any channel count and any spatial size:
-- GroupNorm uses the largest divisor of the channel count that is <= 32 and leaves at least two
-  channels per group (32 whenever the official network would work at all), attention heads the
-  largest divisor of the width that is <= width/64; the base width is at least 2;
+- GroupNorm groups follow a policy (`norm_groups`): "adaptive" (default) uses the largest divisor of
+  the channel count that is <= 32 and leaves at least two channels per group (32 for every width
+  of 64 or more that is a multiple of 32), "official" always uses 32 groups as the official
+  GroupNorm32 does (needed to reproduce converted official checkpoints whose layers are 32 wide);
+- attention heads are the largest divisor of the width that is <= width/64; the base width is at least 2;
 - inputs whose sides are not multiples of 2**(levels-1) are replicate-padded and the output cropped.
 """
 
@@ -18,13 +20,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sia.errors import InputError
 
-def group_count(channels: int, max_groups: int = 32) -> int:
-    """Largest divisor of `channels` that is at most `max_groups` and leaves >= 2 channels per group.
 
-    Equals the official 32 for every width the official network supports (multiples of 64); the
+NORM_GROUP_POLICIES = ("adaptive", "official")
+OFFICIAL_GROUPS = 32
+
+
+def check_norm_groups(policy: str) -> str:
+    if policy not in NORM_GROUP_POLICIES:
+        raise InputError(f"recon_norm_groups: expected one of {', '.join(NORM_GROUP_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def group_count(channels: int, max_groups: int = OFFICIAL_GROUPS, policy: str = "adaptive") -> int:
+    """GroupNorm groups for `channels` under `policy`.
+
+    "adaptive": the largest divisor of `channels` that is at most `max_groups` and leaves >= 2
+    channels per group; equals the official 32 for widths that are multiples of 64, and the
     two-channel minimum keeps GroupNorm defined on 1x1 maps (tiny inputs, deepest level).
+    "official": always `max_groups` (32), which needs a multiple of 32 channels.
     """
+    if check_norm_groups(policy) == "official":
+        if channels % max_groups:
+            raise InputError(f"recon_norm_groups='official': {channels} channels are not a multiple of {max_groups} "
+                             "groups; use 'adaptive' or widths that are multiples of 32")
+        return max_groups
     limit = max(1, min(max_groups, channels // 2))
     return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
@@ -99,18 +120,19 @@ class GroupNormFloat(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> GroupNormFloat:
-    return GroupNormFloat(group_count(channels), channels)
+def normalization(channels: int, norm_groups: str = "adaptive") -> GroupNormFloat:
+    return GroupNormFloat(group_count(channels, policy=norm_groups), channels)
 
 
 class ResBlock(nn.Module):
     """Single-conv residual block: `skip(x) + conv3x3(SiLU(GN(x)))`, optionally resampling by 2."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, down: bool = False, up: bool = False) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None, down: bool = False, up: bool = False,
+                 norm_groups: str = "adaptive") -> None:
         super().__init__()
         out_channels = out_channels or channels
         self.down, self.up = down, up
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.conv = Conv2d(channels, out_channels, 3, padding=1)
         if up:
             self.h_upsample = ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
@@ -129,10 +151,10 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over all positions with the legacy per-head q|k|v channel layout."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_groups: str = "adaptive") -> None:
         super().__init__()
         self.heads = head_count(channels)
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
@@ -166,8 +188,10 @@ class ReconstructionUNet(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4),
         num_res_blocks: int = 2,
         attention_mult: Sequence[int] = (2, 4),
+        norm_groups: str = "adaptive",
     ) -> None:
         super().__init__()
+        check_norm_groups(norm_groups)
         base = max(2, int(width_ratio * channels))
         self.channels = channels
         self.factor = 2 ** (len(channel_mult) - 1)
@@ -176,29 +200,30 @@ class ReconstructionUNet(nn.Module):
         ch, ds = base, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [ResBlock(ch, mult * base)]
+                layers: list[nn.Module] = [ResBlock(ch, mult * base, norm_groups=norm_groups)]
                 ch = mult * base
                 if ds in attention_mult:
-                    layers.append(AttentionBlock(ch))
+                    layers.append(AttentionBlock(ch, norm_groups))
                 self.input_blocks.append(_Stage(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(_Stage(ResBlock(ch, down=True)))
+                self.input_blocks.append(_Stage(ResBlock(ch, down=True, norm_groups=norm_groups)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = nn.Sequential(ResBlock(ch), AttentionBlock(ch), ResBlock(ch))
+        self.middle_block = nn.Sequential(ResBlock(ch, norm_groups=norm_groups), AttentionBlock(ch, norm_groups),
+                                          ResBlock(ch, norm_groups=norm_groups))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), mult * base)]
+                layers = [ResBlock(ch + skip_channels.pop(), mult * base, norm_groups=norm_groups)]
                 ch = mult * base
                 if ds in attention_mult:
-                    layers.append(AttentionBlock(ch))
+                    layers.append(AttentionBlock(ch, norm_groups))
                 if level and i == num_res_blocks:
-                    layers.append(ResBlock(ch, up=True))
+                    layers.append(ResBlock(ch, up=True, norm_groups=norm_groups))
                     ds //= 2
                 self.output_blocks.append(_Stage(*layers))
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(ch, channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch, norm_groups), nn.SiLU(), Conv2d(ch, channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 

@@ -156,27 +156,38 @@ class OfficialRealNet(nn.Module):
         self.rrs.decoder3 = nn.Sequential(nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
 
     def forward(self, image):
+        out = self.intermediates(image)
+        return out["logits"], out["anomaly_map"]
+
+    def intermediates(self, image):
+        """Every tensor of the forward pass: selected features, reconstructions, residuals, RRS indices, outputs."""
         feats = self.backbone.feature_extractor((image - MEAN) / STD)
-        residuals = []
+        features, reconstructions, residuals = [], [], []
         for i, feat in enumerate(feats):
             x = torch.index_select(feat, 1, self.afs.indexes[f"block{i + 1}_{self.layer_names[i]}"].data)
             recon = getattr(self.recon, f"block{i + 1}_recon")(x)
+            features.append(x)
+            reconstructions.append(recon)
             residuals.append((x - recon) ** 2)
         align = min(self.strides)
         residual = torch.cat([F.interpolate(r, scale_factor=s / align, mode="bilinear", align_corners=True) if s != align else r
                               for r, s in zip(residuals, self.strides)], 1)
         ranking = self.rrs.bn_idx(residual)
         b, _, h, w = residual.shape
-        chosen = []
+        chosen, indices, scores = [], [], []
         for mode, k in zip(("max", "mean"), self.mode_numbers):
             flat = ranking.view(b, -1, h * w)
             score = flat.max(-1)[0] if mode == "max" else flat.mean(-1)
             idx = torch.topk(score, k, dim=1, largest=True, sorted=True)[1]
             chosen.append(torch.gather(residual, 1, idx.view(b, k, 1, 1).repeat(1, 1, h, w)))
+            indices.append(idx)
+            scores.append(score)
         x = self.rrs.decoder2(self.rrs.decoder1(torch.cat(chosen, 1)))
         x = F.interpolate(x, (x.size(-1) * 2,) * 2, mode="bilinear", align_corners=True)
         logit = F.interpolate(self.rrs.decoder3(x), image.shape[-2:], mode="bilinear", align_corners=True)
-        return logit, torch.softmax(logit, 1)[:, 1:2]
+        return {"features": features, "reconstructions": reconstructions, "residuals": residuals,
+                "rrs_indices": torch.cat(indices, 1), "rrs_scores": scores, "logits": logit,
+                "anomaly_map": torch.softmax(logit, 1)[:, 1:2]}
 
 
 def randomize_(model: OfficialRealNet, generator: torch.Generator, scale: float = 0.05) -> OfficialRealNet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -144,3 +145,55 @@ def test_bad_checkpoints_list_the_offending_keys(tmp_path, official):
     no_afs = {k: v for k, v in state.items() if not k.startswith("afs.")}
     with pytest.raises(InputError, match="no AFS indices"):
         convert_official_realnet(_save(tmp_path, official, "noafs.pth", state=no_afs), image_size=SIZE)
+
+
+def test_32_channel_layers_reproduce_every_official_tensor(tmp_path):
+    """64 selected channels at hide ratio 0.5 give 32-wide U-Net layers, where the official network
+    keeps 32 GroupNorm groups (one channel each): the converter sets that policy, so every
+    intermediate tensor and the RRS channel choice equal the official ones."""
+    torch.manual_seed(0)
+    official = randomize_(OfficialRealNet(planes=(64, 64), mode_numbers=(16, 16)), torch.Generator().manual_seed(3)).eval()
+    with torch.no_grad():
+        official.rrs.decoder3[2].weight.div_(10)
+        official.rrs.decoder3[2].bias.div_(10)
+    model = convert_official_realnet(_save(tmp_path, official), image_size=SIZE)
+    assert model.recon.unets[0].input_blocks[1][0].norm.num_groups == 32  # a 32-channel layer
+    images = _images(3)
+    with torch.no_grad():
+        expected = official.intermediates(images)
+        out = model(images)
+    for name in ("features", "reconstructions", "residuals"):
+        for ours, theirs in zip(getattr(out, name), expected[name]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert max((r.abs().max().item() for r in expected["reconstructions"])) > 0.1  # non-trivial reconstructions
+    # the ranking scores are far apart compared with rounding, so the channel choice is well defined
+    for scores, k in zip(expected["rrs_scores"], official.mode_numbers):
+        top = scores.topk(k + 1, dim=1).values
+        assert (top[:, :-1] - top[:, 1:]).min() > 1e-4
+    assert torch.equal(out.rrs_indices, expected["rrs_indices"])
+    torch.testing.assert_close(out.anomaly_map, expected["anomaly_map"], rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "converted")
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["recon_norm_groups"] == "official"
+
+
+def test_norm_group_policy_is_in_the_config_and_old_configs_load_unchanged(tmp_path):
+    from realnet.model import RealNet
+
+    tiny = dict(backbone="resnet18", backbone_pretrained=False, layers=[2, 3], afs_channels=[64, 64], image_size=SIZE,
+                recon_channel_mult=[1, 2], recon_num_res_blocks=1, recon_attention_mult=[2])
+    adaptive, official = RealNet(**tiny), RealNet(**tiny, recon_norm_groups="official")
+    assert adaptive.recon.unets[0].input_blocks[1][0].norm.num_groups == 16
+    assert official.recon.unets[0].input_blocks[1][0].norm.num_groups == 32
+    adaptive.selector.set_indices([torch.arange(64) * 2, torch.arange(64) * 4])
+    adaptive.save_pretrained(tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["recon_norm_groups"] == "adaptive"
+    del config["recon_norm_groups"]  # a model saved before the setting existed loads as it was built
+    config_path.write_text(json.dumps(config))
+    reloaded = RealNet.from_pretrained(tmp_path / "m")
+    assert reloaded.recon.unets[0].input_blocks[1][0].norm.num_groups == 16
+    with pytest.raises(InputError, match="recon_norm_groups"):
+        RealNet(**tiny, recon_norm_groups="32")
+    with pytest.raises(InputError, match="recon_norm_groups='official'.*48"):
+        RealNet(**{**tiny, "afs_channels": [96, 64]}, recon_norm_groups="official")
