@@ -67,7 +67,10 @@ def generate_command(
     num_images: Annotated[Optional[int], typer.Option(help="Images per category (default 10000, the released SIA's size; "
                                                        "with --images: one per normal image).")] = None,
     seed: Annotated[int, typer.Option(help="Image i of each category uses seed + i, so any subset can be regenerated exactly; to add new images to a set, use a far-away seed (e.g. 1000000), since seed 1 repeats images 1.. of seed 0.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed); does not change the images.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Images per UNet call (memory vs speed). Every image keeps its own seed, "
+                                            "strength and noise at any batch size; only the float rounding of batched "
+                                            "kernels changes, which can move a few pixels by one grey level (the same "
+                                            "batch size on the same machine reproduces the files exactly).")] = 16,
     steps: Annotated[int, typer.Option(help="Respaced sampling steps (20 = official timesteps 950, 900, ..., 0).")] = 20,
     sampler: Annotated[str, typer.Option(help="ddpm (official ancestral SDAS sampler) or ddim (deterministic DDIM + s*Sigma noise; use small s, e.g. 0.01-0.03).")] = "ddpm",
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit) of --model; recorded as a commit hash.")] = None,

@@ -9,8 +9,11 @@ Layout of the output folder (``datasets.load_dataset("imagefolder", data_dir=DIR
     DIR/.sia/records/<category>/*.json one record per finished image (what makes a run resumable)
 
 Image ``i`` of a category is sampled with its own generator seeded ``seed + i`` (latents, its
-strength and its step noise), so the set does not depend on the batch size or on the number of
-processes, and any image can be regenerated alone. Two consequences of this (required) scheme:
+strength and its step noise), so what each image is made of does not depend on the batch size or
+on the number of processes, and any image can be regenerated alone. What batching can change is
+float rounding: batched UNet kernels may differ in the last bits (about 1e-6), which moves a few
+pixels of some images by one grey level; the same batch size on the same machine and thread
+count writes the same bytes. Two consequences of this (required) seeding scheme:
 
 * seeds of different runs overlap: image ``i`` of a run with ``seed=1`` is image ``i + 1`` of a run
   with ``seed=0``. To *extend* a set with new images, use a seed far from every earlier one, e.g.

@@ -232,7 +232,8 @@ class SDASPipeline(DiffusionPipeline):
                 then reproducible on its own: latents, its strength, and its step noise come from it).
             latents: optional (N, 3, H, W) starting noise x_T, a tensor or numpy array (e.g. to compare
                 strengths from the same x_T).
-            batch_size: images per UNet call (default: all at once).
+            batch_size: images per UNet call (default: all at once). With one generator per image it
+                changes only float rounding in batched kernels (about 1e-6, rarely one grey level in PIL output).
             output_type: "pil", "np" ((N, H, W, 3) float in [0, 1]) or "pt" ((N, 3, H, W) float in [0, 1]).
                 PIL images are rounded to 8 bits (the official code truncates; see the module docstring).
         """

@@ -244,3 +244,35 @@ def test_seed_offsets_overlap_as_documented(model_dir, reference, tmp_path):
 
     for doc in (sia.generate.__doc__, generate_dataset.__doc__):
         assert "1_000_000" in doc
+
+
+def test_batch_size_changes_only_float_rounding(model_dir, tmp_path):
+    """What `--batch-size` promises: at most one grey level between batch sizes, exact bytes at the same one."""
+    import typer.main
+
+    runs = {}
+    for name, batch in (("three", "3"), ("four", "4"), ("four_again", "4")):
+        args = ["generate", "--category", "cable", "--num-images", "8", "--strength", "0.1", "0.2", "--seed", "11",
+                "--model", str(model_dir), "--output", str(tmp_path / name), "--steps", "3", "--batch-size", batch]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        runs[name] = tmp_path / name
+    _assert_same_dataset(runs["three"], runs["four"])
+    for png in sorted(runs["four"].glob("*/*.png")):  # same computation: same bytes
+        assert png.read_bytes() == (runs["four_again"] / png.relative_to(runs["four"])).read_bytes()
+
+    # the float outputs differ by rounding only, far below half a grey level (0.002), so 8-bit
+    # rounding can move a pixel by one level at most
+    pipe = SDASPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(batch_size):
+        generators = [torch.Generator().manual_seed(11 + i) for i in range(8)]
+        return pipe("cable", num_images=8, strength=(0.1, 0.2), num_inference_steps=3, generator=generators,
+                    batch_size=batch_size, output_type="np").images
+
+    assert np.abs(sample(3) - sample(4)).max() < 1e-4
+
+    command = typer.main.get_command(app).commands["generate"]
+    help_text = next(p.help for p in command.params if p.name == "batch_size")
+    assert "one grey level" in help_text and "does not change the images" not in help_text
