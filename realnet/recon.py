@@ -22,7 +22,6 @@ from torch import nn
 
 from sia.errors import InputError
 
-
 NORM_GROUP_POLICIES = ("adaptive", "official")
 OFFICIAL_GROUPS = 32
 

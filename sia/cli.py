@@ -250,15 +250,15 @@ def convert_official_command(
                                              "(folder).")],
     dataset: Annotated[str, typer.Option("--dataset", help="Benchmark the source belongs to (mvtec-ad, visa, mpdd, "
                                           "btad): fixes the category order = class ids, licence and citations.")] = "mvtec-ad",
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Image size the diffusion model was "
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Image size the diffusion model was "
                                                        "trained at. Not stored in the weights: read from the "
                                                        "checkpoint's arch, or 256 for the released layout; "
                                                        "otherwise required.")] = None,
-    head_channels: Annotated[Optional[int], typer.Option("--head-channels", help="Attention head width of the "
+    head_channels: Annotated[int | None, typer.Option("--head-channels", help="Attention head width of the "
                                                           "UNet. Not stored in the weights: read from the "
                                                           "checkpoint's arch, or 64 for the released layout; "
                                                           "otherwise required (or --num-heads).")] = None,
-    num_heads: Annotated[Optional[int], typer.Option("--num-heads", help="Attention heads per layer, instead of "
+    num_heads: Annotated[int | None, typer.Option("--num-heads", help="Attention heads per layer, instead of "
                                                       "--head-channels (guided-diffusion's num_heads).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
 ) -> None:

@@ -145,8 +145,8 @@ def _is_attention(state: Mapping[str, torch.Tensor], prefix: str) -> bool:
 
 # The released SDAS models and OpenAI's 256x256 ADM share one layout; for it the settings the weights
 # do not store are known: 256 px images and 64-channel attention heads.
-_OFFICIAL_LAYOUT = dict(widths=(256, 256, 512, 512, 1024, 1024), layers=2,
-                        attention=(False, False, False, True, True, True))
+_OFFICIAL_LAYOUT = {"widths": (256, 256, 512, 512, 1024, 1024), "layers": 2,
+                    "attention": (False, False, False, True, True, True)}
 _OFFICIAL_SETTINGS = {"sample_size": 256, "num_head_channels": 64}
 
 

@@ -165,7 +165,7 @@ def test_32_channel_layers_reproduce_every_official_tensor(tmp_path):
     for name in ("features", "reconstructions", "residuals"):
         for ours, theirs in zip(getattr(out, name), expected[name]):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert max((r.abs().max().item() for r in expected["reconstructions"])) > 0.1  # non-trivial reconstructions
+    assert max(r.abs().max().item() for r in expected["reconstructions"]) > 0.1  # non-trivial reconstructions
     # the ranking scores are far apart compared with rounding, so the channel choice is well defined
     for scores, k in zip(expected["rrs_scores"], official.mode_numbers):
         top = scores.topk(k + 1, dim=1).values
@@ -179,8 +179,8 @@ def test_32_channel_layers_reproduce_every_official_tensor(tmp_path):
 def test_norm_group_policy_is_in_the_config_and_old_configs_load_unchanged(tmp_path):
     from realnet.model import RealNet
 
-    tiny = dict(backbone="resnet18", backbone_pretrained=False, layers=[2, 3], afs_channels=[64, 64], image_size=SIZE,
-                recon_channel_mult=[1, 2], recon_num_res_blocks=1, recon_attention_mult=[2])
+    tiny = {"backbone": "resnet18", "backbone_pretrained": False, "layers": [2, 3], "afs_channels": [64, 64],
+            "image_size": SIZE, "recon_channel_mult": [1, 2], "recon_num_res_blocks": 1, "recon_attention_mult": [2]}
     adaptive, official = RealNet(**tiny), RealNet(**tiny, recon_norm_groups="official")
     assert adaptive.recon.unets[0].input_blocks[1][0].norm.num_groups == 16
     assert official.recon.unets[0].input_blocks[1][0].norm.num_groups == 32
