@@ -32,6 +32,7 @@ import torch
 
 from .errors import InputError
 from .foreground import EXTRA_PRESETS
+from .paths import writable_folder_path
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "hazelnut"
 DEMO_CATEGORY = "hazelnut"
@@ -121,8 +122,7 @@ def get_preset(name: str | DemoPreset) -> DemoPreset:
 
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder unless `overwrite`; then remove only what an earlier demo wrote."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
+    writable_folder_path(out, "--out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"--out {out}: folder is not empty; pass --overwrite or choose another folder")

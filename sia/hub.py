@@ -496,6 +496,8 @@ def stage_sia_dataset(
     """
     source = Path(source)
     staging = Path(staging_dir)
+    if repo_id is not None and not _looks_like_repo_id(repo_id):  # it goes into the card and the upload command
+        raise InputError(f"repo_id {repo_id!r}: expected ORG/NAME")
     if not source.is_dir():
         raise InputError(f"{source}: SIA folder does not exist")
     if _folder_kind(source) == "parquet":

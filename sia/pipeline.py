@@ -146,10 +146,10 @@ class SDASPipeline(DiffusionPipeline):
         _check_model_index(folder)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as err:
+        except OSError as err:  # diffusers' word for missing, damaged or mismatched files
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"{folder}: cannot load the pipeline ({first_line}); only safetensors weights are "
-                             "loaded, pickled .bin weights never are: re-save them with save_pretrained") from None
+            raise InputError(f"{folder}: cannot load the pipeline ({first_line}); expected a folder written by "
+                             "SDASPipeline.save_pretrained (safetensors weights)") from None
 
     @classmethod
     def from_unet_preset(cls, preset: str, categories: Sequence[str], sample_size: int | None = None,

@@ -43,7 +43,8 @@ def _refused(result, *needles: str) -> str:
     """Assert a one-line error (exit 2, no traceback) mentioning every needle; return it."""
     text = _text(result)
     assert result.exit_code == 2, (result.exit_code, text, result.exception)
-    lines = [line for line in text.splitlines() if line.strip()]
+    # diffusers' loading progress bar may come first; it is not part of the error
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("Loading pipeline components")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), text
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
@@ -232,6 +233,16 @@ def test_generate_bad_output_device_and_weights_are_one_line_errors(model_dir, t
     with pytest.raises(InputError, match="model_index.json: unreadable"):
         SDASPipeline.from_pretrained(pickled)
 
+    import shutil
+
+    for damaged_file in ("diffusion_pytorch_model.safetensors", "config.json"):
+        damaged = tmp_path / f"damaged-{damaged_file}"
+        shutil.copytree(model_dir, damaged)
+        (damaged / "unet" / damaged_file).write_text("{garbage")
+        _refused(run("generate", "--model", damaged, "--category", "bottle", "--num-images", "1", "--steps", "1",
+                     "--output", tmp_path / "o"), "cannot load the pipeline", damaged_file)
+    assert not (tmp_path / "o").exists()
+
 
 def test_generate_warns_above_the_strength_range_and_refuses_nonsense(model_dir, tmp_path, caplog):
     common = {"categories": "bottle", "num_images": 1, "steps": 1, "progress": False}
@@ -316,3 +327,15 @@ def test_push_offline_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     source = _generated(tmp_path / "gen", [])
     _refused(run("push", source, "--repo-id", "acme/sia"), "HF_HUB_OFFLINE", "--stage-only")
+
+
+def test_stage_only_checks_the_repo_id(tmp_path):
+    source = _generated(tmp_path / "gen", [])
+    _refused(run("push", source, "--repo-id", "no-slash", "--stage-only", tmp_path / "stage"), "ORG/NAME")
+    assert not (tmp_path / "stage").exists()
+
+
+def test_demo_output_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    _refused(run("demo", "--out", tmp_path / "afile" / "demo", "--preset", "test"), "--out", "afile is a file")
+    _refused(run("demo", "--out", tmp_path / "afile", "--preset", "test"), "--out")
