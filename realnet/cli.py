@@ -57,6 +57,7 @@ def train_command(
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N iterations (0: never).")] = 500,
     threshold_fpr: Annotated[float, typer.Option(help="Target false-positive rate on normal images for the stored decision thresholds.")] = 0.01,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes for anomaly synthesis.")] = 0,
+    mask_threshold: Annotated[float, typer.Option(help="8-bit grey level above which a ground-truth mask pixel is anomalous (0: any non-zero pixel, for exact masks; 127 for lossy/JPEG or anti-aliased masks).")] = 0,
     cpu: Annotated[bool, typer.Option(help="Train on the CPU even if a GPU is available.")] = False,
 ) -> None:
     """Train RealNet on normal images with synthetic anomalies (multi-GPU: `accelerate launch $(which realnet) train ...`)."""
@@ -71,6 +72,7 @@ def train_command(
         mixed_precision=mixed_precision, resume=resume, overwrite=overwrite, afs_batches=afs_batches,
         validation_fraction=validation_fraction, validate_every=validate_every, select=select,
         checkpoint_every=checkpoint_every, threshold_fpr=threshold_fpr, num_workers=num_workers, cpu=cpu,
+        mask_threshold=mask_threshold,
     )
     model_dir = train(config)
     typer.echo(f"model saved to {model_dir} (thresholds in {model_dir / 'thresholds.json'}); log: {output / 'train_log.jsonl'}")
@@ -88,14 +90,15 @@ def eval_command(
     image_size: Annotated[Optional[str], typer.Option(help=IMAGE_SIZE_HELP)] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write one overlay PNG per test image (needs --out).")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
+    mask_threshold: Annotated[float, typer.Option(help="8-bit grey level above which a ground-truth mask pixel is anomalous (0: any non-zero pixel, for exact masks; 127 for lossy/JPEG or anti-aliased masks).")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out (only the files realnet wrote there are deleted).")] = False,
 ) -> None:
     """Evaluate on a test split: image AUROC, pixel AUROC and PRO (FPR <= 0.3) per category."""
     from .evaluation import evaluate, format_table
 
     results = evaluate(model, data, dataset=dataset, categories=list(category or []) or [None], out=out,
-                       batch_size=batch_size, image_size=_size(image_size), overlays=overlays, device=device or _default_device(),
-                       overwrite=overwrite)
+                       batch_size=batch_size, image_size=_size(image_size), overlays=overlays, device=device,
+                       overwrite=overwrite, mask_threshold=mask_threshold)
     typer.echo(format_table(results))
     if out is not None:
         typer.echo(f"metrics written to {out / 'metrics.json'}")
@@ -113,9 +116,13 @@ def predict_command(
     pixel_threshold: Annotated[Optional[float], typer.Option(help="Pixel score at or above which a pixel is anomalous in masks/ (default: the model's calibrated value).")] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write a heat-map overlay PNG per image.")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if available, else cpu); exported models run on the CPU.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the results of an earlier run in a non-empty --out (only the files realnet wrote there are deleted).")] = False,
 ) -> None:
-    """Score images: anomaly score, map (.npy + 16-bit PNG), binary mask and overlay per image."""
+    """Score images: anomaly score, map (.npy + 16-bit PNG), binary mask and overlay per image.
+
+    Every image is decoded before anything is written: a corrupt one stops the run with its name
+    and --out stays as it was.
+    """
     from .deploy import is_export_folder
     from .predict import predict
 
@@ -185,8 +192,11 @@ def convert_official_command(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
 ) -> None:
     """Convert an official RealNet checkpoint into a RealNet model folder (from_pretrained-ready)."""
+    from sia.paths import separate_output, writable_folder_path
+
     from .convert import convert_official_realnet
 
+    separate_output(writable_folder_path(output, "OUTPUT"), [checkpoint], "OUTPUT")
     facts = {k: v for k, v in {"dataset": dataset, "category": category}.items() if v}
     convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
                              card_facts=facts)

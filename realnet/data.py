@@ -3,9 +3,12 @@
 An item is ``{"image": (3,H,W) float in [0,1], "mask": (1,H,W) float in {0,1}, "label": 0|1,
 "path": str, "category": str, "defect_type": str}``. Images are resized bilinearly and masks with
 nearest neighbour to ``image_size`` without cropping (the official code also evaluates at 256x256
-without a centre crop); masks are binarised with ``> 0`` (VisA masks hold class ids, KolektorSDD
-masks hold 255 and sometimes other non-zero values). A mask whose size differs from its image's is
-an InputError naming both files: it most likely belongs to another image.
+without a centre crop); masks are binarised with ``> mask_threshold`` on the 8-bit scale, by default
+``> 0`` for exact masks (VisA masks hold class ids, KolektorSDD masks hold 255). Lossy (JPEG) or
+anti-aliased masks carry grey values around their regions that ``> 0`` counts as defect: when a
+split holds such masks, a one-line warning says how many, and ``mask_threshold=127`` binarises them
+at mid-grey. A mask whose size differs from its image's is an InputError naming both files: it most
+likely belongs to another image.
 
 Supported layouts (``dataset=``):
 
@@ -30,6 +33,8 @@ reads that folder as one category.
 from __future__ import annotations
 
 import csv
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,7 +46,14 @@ from torch.utils.data import Dataset
 
 from sia.categories import resolve_dataset
 from sia.errors import InputError
-from sia.images import IMAGE_EXTENSIONS, load_image, load_mask, pil_to_tensor
+from sia.images import (
+    IMAGE_EXTENSIONS,
+    load_image,
+    load_mask,
+    pil_to_tensor,
+    read_mask_values,
+)
+from sia.paths import path_component
 
 __all__ = [
     "SampleRecord",
@@ -50,11 +62,18 @@ __all__ = [
     "available_categories",
     "split_normal_records",
     "NORMAL_FOLDER_NAMES",
+    "graded_masks",
 ]
+
+logger = logging.getLogger(__name__)
 
 NORMAL_FOLDER_NAMES = ("good", "ok", "normal")
 MASK_FOLDER_NAMES = ("ground_truth", "masks")
 SPLITS = ("train", "test")
+# A mask is "graded" (lossy or anti-aliased) when more than this share of its non-zero pixels lies
+# strictly between 0 and full scale; it must also reach above half scale, so that masks of small
+# class ids (VisA's 1, 2, ...) are not mistaken for grey edges.
+GRADED_MASK_SHARE = 0.05
 EXTRA_DATASETS = {
     "folder": "folder", "generic": "folder", "custom": "folder",
     "kolektorsdd": "kolektorsdd", "kolektor": "kolektorsdd", "ksdd": "kolektorsdd", "kolektorsdd1": "kolektorsdd",
@@ -89,6 +108,7 @@ class AnomalyDataset(Dataset):
 
     A defective image without a mask is an InputError naming the file, unless
     ``allow_missing_masks=True``, in which case its mask is all ones (the official code's fallback).
+    A mask pixel is anomalous when its value exceeds ``mask_threshold`` (8-bit scale).
     """
 
     def __init__(
@@ -96,10 +116,12 @@ class AnomalyDataset(Dataset):
         records: Sequence[SampleRecord],
         image_size: int | Sequence[int] | None = 256,
         allow_missing_masks: bool = False,
+        mask_threshold: float = 0,
     ) -> None:
         self.records = list(records)
         self.image_size = _normalise_size(image_size)
         self.allow_missing_masks = allow_missing_masks
+        self.mask_threshold = check_mask_threshold(mask_threshold)
         if not allow_missing_masks:
             for record in self.records:
                 if record.label == 1 and record.mask_path is None:
@@ -129,7 +151,7 @@ class AnomalyDataset(Dataset):
             pil = pil.resize((size[1], size[0]), Image.BILINEAR)
         image = pil_to_tensor(pil)
         if record.mask_path is not None:
-            mask = load_mask(record.mask_path)
+            mask = load_mask(record.mask_path, threshold=self.mask_threshold)
             if tuple(mask.shape[-2:]) != original:
                 raise InputError(
                     f"{record.mask_path}: mask is {mask.shape[-1]}x{mask.shape[-2]} pixels but its image "
@@ -165,6 +187,39 @@ class AnomalyDataset(Dataset):
 # helpers
 
 
+def check_mask_threshold(value: float) -> float:
+    """``value`` if it is a number in [0, 255): the 8-bit grey level above which a mask pixel is anomalous."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 255:
+        raise InputError(f"--mask-threshold: expected a number from 0 to 254 (8-bit grey level), got {value!r}")
+    return value
+
+
+def graded_masks(records: Iterable[SampleRecord]) -> tuple[int, int]:
+    """(graded, total): how many distinct mask files of ``records`` are lossy or anti-aliased, i.e.
+    more than ``GRADED_MASK_SHARE`` of their non-zero pixels hold intermediate values (1 to 254 for
+    8-bit masks), and how many masks there are."""
+    paths = list(dict.fromkeys(r.mask_path for r in records if r.mask_path is not None))
+    graded = 0
+    for path in paths:
+        values, full_scale = read_mask_values(path)
+        nonzero = values > 0
+        if not nonzero.any() or values.max() <= full_scale / 2:
+            continue
+        intermediate = nonzero & (values < full_scale)
+        graded += int(intermediate.sum() > GRADED_MASK_SHARE * nonzero.sum())
+    return graded, len(paths)
+
+
+def _warn_about_graded_masks(records: Sequence[SampleRecord], where: Path) -> None:
+    graded, total = graded_masks(records)
+    if graded:
+        logger.warning(
+            f"warning: {graded} of {total} masks in {where} have intermediate grey values (lossy or anti-aliased) in "
+            f"more than {GRADED_MASK_SHARE:.0%} of their non-zero pixels; they are binarised with > 0, which enlarges "
+            "their defects: pass --mask-threshold 127 (mask_threshold=127) to binarise them at mid-grey"
+        )
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()
@@ -190,6 +245,11 @@ def _match_mask(index: dict[str, Path], stem: str) -> Path | None:
 
 def _is_normal_folder(name: str) -> bool:
     return name.lower() in NORMAL_FOLDER_NAMES
+
+
+def _is_flat_folder(folder: Path) -> bool:
+    """A folder of normal images (``good/``) beside defect folders, without train/test split."""
+    return any(_is_normal_folder(p.name) for p in _subfolders(folder))
 
 
 def _looks_like_category(folder: Path) -> bool:
@@ -230,9 +290,22 @@ def _category_folder(root: Path, category: str | None, dataset: str) -> tuple[Pa
         raise InputError(f"{root}: no train/ or test/ folder; pass a category (available: {', '.join(found) or 'none'})")
     folder = root / category
     if not folder.is_dir():
+        if _looks_like_category(root):
+            _check_single_category(root, category)
+            return root, category
         found = available_categories(root, dataset)
         raise InputError(f"{folder}: no such category folder (available in {root}: {', '.join(found) or 'none'})")
     return folder, category
+
+
+def _check_single_category(root: Path, category: str) -> None:
+    """``root`` is itself one category folder: only its own name may be asked for, never another
+    name that would then label its images."""
+    if category != root.name:
+        raise InputError(
+            f"category {category!r}: {root} is itself the single category {root.name!r} and has no "
+            f"sub-folder {category!r}; omit the category or pass {root.name!r}"
+        )
 
 
 def split_normal_records(
@@ -322,7 +395,7 @@ def _flat_folder_records(root: Path) -> list[SampleRecord]:
     return records
 
 
-def _kolektor_records(root: Path) -> list[SampleRecord]:
+def _kolektor_records(root: Path, mask_threshold: float = 0) -> list[SampleRecord]:
     """KolektorSDD: ``kosNN/PartK.jpg`` with ``PartK_label.png|bmp``; defective iff the mask is non-empty."""
     records = []
     for part_dir in _subfolders(root):
@@ -334,16 +407,17 @@ def _kolektor_records(root: Path) -> list[SampleRecord]:
             mask = labels.get(image_path.stem)
             if mask is None:
                 raise InputError(f"{image_path}: no label image {image_path.stem}_label.* next to it")
-            defective = bool(load_mask(mask).any())
+            defective = bool(load_mask(mask, threshold=mask_threshold).any())
             records.append(SampleRecord(image_path, int(defective), mask if defective else None, "kolektorsdd", part_dir.name))
     if not records:
         raise InputError(f"{root}: no kosNN/PartK.jpg images found (KolektorSDD layout)")
     return records
 
 
-def _category_records(root: Path, dataset: str, category: str | None, split: str, seed: int, fraction: float) -> list[SampleRecord]:
+def _category_records(root: Path, dataset: str, category: str | None, split: str, seed: int, fraction: float,
+                      mask_threshold: float = 0) -> list[SampleRecord]:
     if dataset == "kolektorsdd":
-        return split_normal_records(_kolektor_records(root), split, seed, fraction)
+        return split_normal_records(_kolektor_records(root, mask_threshold), split, seed, fraction)
     if dataset == "visa" and (root / "split_csv" / "1cls.csv").is_file():
         if category is None:
             raise InputError(f"{root}: pass a VisA category (available: {', '.join(available_categories(root, 'visa'))})")
@@ -351,7 +425,9 @@ def _category_records(root: Path, dataset: str, category: str | None, split: str
     if dataset == "folder":
         if category is not None and (root / category).is_dir():
             root = root / category
-        elif category is not None and not _looks_like_category(root):
+        elif category is not None and (_looks_like_category(root) or _is_flat_folder(root)):
+            _check_single_category(root, category)
+        elif category is not None:
             found = available_categories(root, dataset)
             raise InputError(f"{root / category}: no such category folder (available in {root}: {', '.join(found) or 'none'})")
         if _looks_like_category(root):
@@ -370,13 +446,16 @@ def load_split(
     allow_missing_masks: bool = False,
     seed: int = 0,
     normal_test_fraction: float = 0.2,
+    mask_threshold: float = 0,
 ) -> AnomalyDataset:
     """Read one split of a dataset (see the module docstring for layouts) as an :class:`AnomalyDataset`.
 
     ``seed`` and ``normal_test_fraction`` only matter for layouts without an official split
     (flat folders, KolektorSDD). ``image_size`` is an int, ``(height, width)`` or ``None`` (keep
-    each image's own size; batches then need equal sizes).
+    each image's own size; batches then need equal sizes). ``mask_threshold``: the 8-bit grey level
+    above which a mask pixel is anomalous (0: any non-zero pixel; 127 for lossy masks).
     """
+    check_mask_threshold(mask_threshold)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise InputError(f"{root}: no such dataset folder")
@@ -389,10 +468,17 @@ def load_split(
         if not category:
             raise InputError(f"{root}: no categories found for dataset {name}")
     categories: list[str | None] = [category] if category is None or isinstance(category, str) else list(category)
+    for cat in categories:  # a name that becomes a path: never '../x' or an absolute path
+        if cat is not None:
+            path_component(cat, "category")
     records: list[SampleRecord] = []
     for cat in categories:
-        records.extend(_category_records(root, name, cat, split, seed, normal_test_fraction))
+        records.extend(_category_records(root, name, cat, split, seed, normal_test_fraction, mask_threshold))
     if not records:
         where = root if len(categories) != 1 or categories[0] is None else root / str(categories[0])
         raise InputError(f"{where}: the {split} split holds no images")
-    return AnomalyDataset(records, image_size=image_size, allow_missing_masks=allow_missing_masks)
+    dataset = AnomalyDataset(records, image_size=image_size, allow_missing_masks=allow_missing_masks,
+                             mask_threshold=mask_threshold)
+    if mask_threshold == 0:
+        _warn_about_graded_masks(dataset.records, root)
+    return dataset

@@ -9,6 +9,7 @@ threshold tuned on the test masks (the official code picks the F1-optimal one on
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,16 +21,60 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sia.errors import InputError
+from sia.paths import inside, path_component, separate_output
 
 from .image_size import inference_size
-from .outputs import check_batch_size, check_out_folder, remove_previous_results  # noqa: F401 - re-exported
+from .outputs import check_batch_size, check_output_folder, prepare_output_folder
 
 MODEL_SUBDIR = "model"
 THRESHOLDS_FILE = "thresholds.json"
 METRICS_FILE = "metrics.json"
+OVERLAYS_DIR = "overlays"
 
 
-EVAL_OUTPUTS = (METRICS_FILE, "overlays")
+def resolve_device(device: Optional[str | torch.device] = None, parameter: str = "--device") -> torch.device:
+    """``device`` as a torch device that exists on this machine (default: cuda if available, else cpu).
+
+    An unknown name or an accelerator this machine lacks is a one-line InputError, not a traceback
+    from deep inside the first ``.to(device)``.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{parameter} {device!r}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"{parameter} {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise InputError(f"{parameter} {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        return resolved
+    backend = getattr(torch.backends, resolved.type, None) if resolved.type == "mps" else getattr(torch, resolved.type, None)
+    available = getattr(backend, "is_available", None)
+    if resolved.type == "meta" or not callable(available) or not available():
+        raise InputError(f"{parameter} {device}: this machine has no {resolved.type} device; use --device cpu")
+    return resolved
+
+
+def finite_threshold(value: Optional[float], parameter: str) -> Optional[float]:
+    """``value`` as a float if it is None or a finite number: NaN would flag nothing, inf everything."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{parameter}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def local_model_folder(model: Any) -> Optional[Path]:
+    """The model folder on disk (None for a Hub id or a model object): an input outputs must not touch."""
+    if isinstance(model, torch.nn.Module):
+        return None
+    location = Path(resolve_model_path(model))
+    return location if location.is_dir() else None
 
 
 def resolve_model_path(model: str | Path) -> str:
@@ -81,7 +126,17 @@ def load_thresholds(model: Any) -> Optional[dict]:
             return None
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        thresholds = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a readable thresholds file ({err})") from None
+    if not isinstance(thresholds, dict):
+        raise InputError(f"{path}: expected a JSON object with image_threshold and pixel_threshold")
+    for key in ("image_threshold", "pixel_threshold"):
+        value = thresholds.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise InputError(f"{path}: {key} must be a finite number or null, got {value!r}")
+    return thresholds
 
 
 def _collate(items: list[dict]) -> dict:
@@ -126,10 +181,8 @@ def save_overlays(predictions: dict, folder: Path, pixel_threshold: Optional[flo
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    used: set[str] = set()
-    for i, path in enumerate(predictions["paths"]):
-        name = _unique_name(path, i, used)
-        target = folder / f"{name}.png"
+    for i, name in enumerate(overlay_names(predictions["paths"])):
+        target = folder / name
         mask = predictions["masks"][i]
         save_overlay_triptych(
             target,
@@ -142,6 +195,12 @@ def save_overlays(predictions: dict, folder: Path, pixel_threshold: Optional[flo
         )
         written.append(target)
     return written
+
+
+def overlay_names(paths: Sequence[str]) -> list[str]:
+    """The overlay file name of each test image, in order (``colour_03.png``; made unique)."""
+    used: set[str] = set()
+    return [f"{_unique_name(path, i, used)}.png" for i, path in enumerate(paths)]
 
 
 def _unique_name(path: str, index: int, used: set[str]) -> str:
@@ -168,51 +227,64 @@ def evaluate(
     progress: bool = True,
     fpr_limit: float = 0.3,
     overwrite: bool = False,
+    mask_threshold: float = 0,
     image_size: Optional[int | str | Sequence[int]] = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per category (and their mean when there are several); writes ``metrics.json`` and
-    overlays under ``out`` when given (a non-empty ``out`` needs ``overwrite``).
+    overlays under ``out`` when given (a non-empty ``out`` needs ``overwrite``, which deletes only
+    the files an earlier run recorded writing there). ``mask_threshold``: see
+    :func:`realnet.data.load_split`.
 
     Images, masks and maps are compared at ``image_size`` (``256``, ``"640x256"`` or (H, W)),
     by default the size the model was trained at."""
-    from .data import load_split
+    from .data import available_categories, load_split
     from .metrics import evaluate_maps
 
     check_batch_size(batch_size)
-    if out is not None:
-        check_out_folder(out, overwrite)
+    folder = check_output_folder(out, overwrite) if out is not None else None
     if not Path(data).is_dir():
         raise InputError(f"--data {data}: no such folder")
+    if folder is not None:
+        separate_output(folder, [data, local_model_folder(model)], "--out")
+    names = list(dict.fromkeys(categories)) or [None]
+    if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
+        names = available_categories(data, dataset)
+    for name in names:
+        if name is not None:
+            path_component(name, "--category")
+    device = resolve_device(device)
     thresholds = load_thresholds(model)
     net = load_model(model, device=device)
-    if out is not None:
-        remove_previous_results(Path(out), EVAL_OUTPUTS)
     size = inference_size(net, image_size, "--image-size")
-    results: dict[str, dict[str, float]] = {}
-    names = list(categories) or [None]
-    if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
-        from .data import available_categories
-
-        names = available_categories(data, dataset)
+    # Every split is read (and checked) before anything is written.
+    splits = {}
     for category in names:
-        split = load_split(data, dataset=dataset, category=category, split="test", image_size=size)
-        category = category or Path(data).resolve().name
+        split = load_split(data, dataset=dataset, category=category, split="test", image_size=size,
+                           mask_threshold=mask_threshold)
+        splits[path_component(category or Path(data).resolve().name, "category")] = split
+    if folder is not None:
+        planned = [METRICS_FILE, f"{METRICS_FILE}.tmp"]
+        if overlays:
+            planned += [f"{OVERLAYS_DIR}/{category}/{name}" for category, split in splits.items()
+                        for name in overlay_names([str(r.image_path) for r in split.records])]
+        prepare_output_folder(folder, planned, "realnet eval", overwrite)
+    results: dict[str, dict[str, float]] = {}
+    for category, split in splits.items():
         predictions = predict_split(net, split, batch_size=batch_size, progress=progress, desc=f"eval {category}")
         metrics = evaluate_maps(predictions["maps"], predictions["masks"], predictions["scores"], predictions["labels"], fpr_limit=fpr_limit)
         metrics["num_images"] = int(len(predictions["scores"]))
         metrics["num_anomalous"] = int(np.asarray(predictions["labels"]).astype(bool).sum())
         results[category] = metrics
-        if out is not None and overlays:
+        if folder is not None and overlays:
             pixel_threshold = thresholds.get("pixel_threshold") if thresholds else None
-            save_overlays(predictions, Path(out) / "overlays" / category, pixel_threshold)
+            save_overlays(predictions, inside(folder, f"{OVERLAYS_DIR}/{category}", "--category"), pixel_threshold)
     if len(results) > 1:
         keys = ("image_auroc", "pixel_auroc", "pro")
         results["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}
-    if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
         record = {"model": str(model) if not isinstance(model, torch.nn.Module) else type(model).__name__,
-                  "data": str(data), "dataset": dataset, "image_size": list(size), "metrics": results}
+                  "data": str(data), "dataset": dataset, "image_size": list(size), "mask_threshold": mask_threshold,
+                  "metrics": results}
         tmp = folder / (METRICS_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, folder / METRICS_FILE)

@@ -8,6 +8,7 @@ frozen backbone included, so a saved model runs offline without timm/Hub weight 
 from __future__ import annotations
 
 import contextvars
+import json
 import numbers
 import os
 from collections.abc import Iterable, Sequence
@@ -381,6 +382,8 @@ class RealNet(
         """
         name = str(pretrained_model_name_or_path)
         _check_model_location(name)
+        if os.path.isdir(name):
+            _check_config_file(os.path.join(name, "config.json"))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except _HUB_ERRORS as err:
@@ -430,6 +433,10 @@ class RealNet(
         marker = _BUILDING_FROM_CHECKPOINT.set(True)
         try:
             model = cls(**model_kwargs)
+        except (InputError, TypeError, ValueError) as err:  # a config.json edited by hand or for another model
+            where = os.path.join(model_id, "config.json") if os.path.isdir(model_id) else f"{model_id!r} config.json"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise InputError(f"{where}: not a valid RealNet config ({first})") from None
         finally:
             _BUILDING_FROM_CHECKPOINT.reset(marker)
         load_weights_file(model, weights_file, strict=strict)
@@ -463,6 +470,20 @@ def _check_model_location(name: str) -> None:
         ) from None
 
 
+def _check_config_file(path: str) -> None:
+    """A local config.json must be a JSON object; the mixin would fail on anything else with a
+    traceback that does not name the file."""
+    if not os.path.isfile(path):
+        return  # reported as a missing config further on
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object of RealNet settings, got {type(config).__name__}")
+
+
 def _hub_input_error(model_id: str, revision: str | None, filename: str, err: BaseException) -> InputError:
     """One line saying which of repo, revision or file could not be had, instead of a Hub traceback."""
     where = f"pretrained_model_name_or_path: {model_id!r}"
@@ -485,9 +506,14 @@ def _hub_input_error(model_id: str, revision: str | None, filename: str, err: Ba
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
     """Load a safetensors state dict, reporting missing/unexpected/mis-shaped keys on one line."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path}: not a readable safetensors weights file ({first})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -17,7 +17,14 @@ def parse_key_values(items: Optional[Sequence[str]], what: str) -> dict:
         if not sep or not key.strip():
             raise InputError(f"{what} {item!r}: expected KEY=VALUE")
         try:
-            out[key.strip()] = json.loads(value)
+            out[key.strip()] = json.loads(value, parse_constant=_refuse_non_finite)
         except json.JSONDecodeError:
             out[key.strip()] = value
+        except InputError as err:
+            raise InputError(f"{what} {item!r}: {err}") from None
     return out
+
+
+def _refuse_non_finite(constant: str) -> None:
+    """JSON's NaN and Infinity: NaN passes every range check and inf breaks the optimiser."""
+    raise InputError(f"{constant} is not allowed; expected a finite number")

@@ -1,15 +1,27 @@
 """Output folders of ``eval`` and ``predict``: never mix runs, and delete only what a run wrote.
 
 Torch-free, so a deployed (exported) model can use the same rules.
+
+`realnet eval` and `realnet predict` write into a folder the user names, which may also hold the
+user's own files (a `masks/` folder of ground truth, notes). Before writing anything, a run records
+every file it is going to write in a manifest in that folder (written atomically). `--overwrite`
+then deletes exactly the files the previous manifest lists, and the folders that run created if
+they are left empty, never a folder by name. A file of someone else's that a new run would
+replace is refused, not overwritten.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from sia.errors import InputError
+from sia.paths import inside, writable_folder_path
+
+MANIFEST = ".realnet-outputs.json"
+_MANIFEST_VERSION = 1
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -18,23 +30,87 @@ def check_batch_size(batch_size: int) -> int:
     return batch_size
 
 
-def check_out_folder(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an ``--out`` that is a file, or a non-empty folder unless ``overwrite``: results of an
-    earlier run must never be replaced (or mixed with new ones) silently."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {folder}: exists and is not a folder")
+def check_output_folder(folder: str | Path, overwrite: bool, parameter: str = "--out") -> Path:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite``: the results of an
+    earlier run are never replaced (or mixed with new ones) silently."""
+    folder = writable_folder_path(folder, parameter)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise InputError(f"--out {folder}: folder is not empty; pass --overwrite to replace its results or choose another folder")
+        raise InputError(
+            f"{parameter} {folder}: folder is not empty; pass --overwrite to replace its results or choose another folder"
+        )
     return folder
 
 
-def remove_previous_results(folder: Path, names: Sequence[str]) -> None:
-    """With ``--overwrite``: delete what an earlier run wrote (only those names), so no stale file
-    survives next to the new results."""
-    for name in names:
+def read_manifest(folder: str | Path) -> dict[str, list[str]]:
+    """The files and folders an earlier run recorded in ``folder`` (empty lists without a manifest).
+
+    Every entry must stay inside ``folder``: an edited manifest can never make `--overwrite` delete
+    anything outside it.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {"files": [], "folders": []}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: cannot read the list of earlier results ({err}); delete it to keep every file") from None
+    entries: dict[str, list[str]] = {}
+    for key in ("files", "folders"):
+        values = record.get(key, []) if isinstance(record, dict) else None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise InputError(f"{path}: {key} must be a list of relative paths; delete it to keep every file")
+        for value in values:
+            inside(folder, value, f"{path} entry")
+        entries[key] = values
+    return entries
+
+
+def check_planned_outputs(folder: str | Path, planned: Iterable[str], overwrite: bool,
+                          parameter: str = "--out") -> tuple[Path, dict[str, list[str]]]:
+    """Everything :func:`prepare_output_folder` refuses, checked without touching the folder:
+    (folder, the previous run's manifest)."""
+    folder = check_output_folder(folder, overwrite, parameter)
+    planned = list(planned)
+    for name in planned:
+        inside(folder, name, parameter)
+    previous = read_manifest(folder) if folder.is_dir() else {"files": [], "folders": []}
+    ours = set(previous["files"])
+    foreign = [name for name in planned if name not in ours and os.path.lexists(folder / name)]
+    if foreign:
+        listing = ", ".join(foreign[:3]) + (f" ... ({len(foreign)} in all)" if len(foreign) > 3 else "")
+        raise InputError(f"{parameter} {folder}: would replace {listing}, which no realnet run wrote there; "
+                         "move it or choose another folder")
+    return folder, previous
+
+
+def prepare_output_folder(folder: str | Path, planned: Iterable[str], command: str, overwrite: bool,
+                          parameter: str = "--out") -> Path:
+    """Make ``folder`` ready for a run that writes the ``planned`` files (paths relative to it).
+
+    With ``overwrite`` the files of the previous run (its manifest) are deleted first; a planned
+    file that exists but no run of this project wrote is refused. Then the folders the planned
+    files need are created and the new manifest is written, before any result.
+    """
+    planned = sorted(set(planned))
+    folder, previous = check_planned_outputs(folder, planned, overwrite, parameter)
+    for name in previous["files"]:
         target = folder / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
+        if target.is_symlink() or target.is_file():
             target.unlink()
+    for name in sorted(previous["folders"], key=lambda n: len(Path(n).parts), reverse=True):
+        target = folder / name
+        if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+            target.rmdir()
+    folder.mkdir(parents=True, exist_ok=True)
+    created: list[str] = []
+    for parent in sorted({Path(name).parent for name in planned} - {Path(".")}, key=lambda p: len(p.parts)):
+        for level in reversed([parent, *parent.parents][:-1]):
+            if not (folder / level).is_dir():
+                (folder / level).mkdir()
+                created.append(level.as_posix())
+    record = {"version": _MANIFEST_VERSION, "written_by": command, "files": planned, "folders": created}
+    tmp = folder / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sia.errors import InputError
+from sia.paths import separate_output
 
 from .deploy import ExportedRealNet, is_export_folder
 from .image_size import format_image_size, inference_size, parse_image_size
-from .outputs import check_batch_size, check_out_folder
+from .outputs import check_batch_size, check_output_folder
 from .prediction_files import (  # noqa: F401 - part of this module's public names
     PREDICT_OUTPUTS,
     SCORES_CSV,
@@ -51,11 +52,18 @@ def predict(
     training size, the only size an export runs at) and maps come back at each image's own size.
     Thresholds default to the model's stored normal-only ones; with neither, no decision or mask is
     written (scores and maps still are). A non-empty ``out`` needs ``overwrite``, which first deletes
-    the results of the earlier run.
+    the files the earlier run recorded writing there (and nothing else). Every image is decoded
+    before anything is written, so a corrupt file stops the run and leaves ``out`` untouched.
     """
+    from .evaluation import finite_threshold, local_model_folder
+
     check_batch_size(batch_size)
-    folder = check_out_folder(out, overwrite)
+    image_threshold = finite_threshold(image_threshold, "--image-threshold")
+    pixel_threshold = finite_threshold(pixel_threshold, "--pixel-threshold")
+    folder = check_output_folder(out, overwrite)
     images = collect_images(inputs)
+    model_folder = Path(model) if is_export_folder(model) else local_model_folder(model)
+    separate_output(folder, [*inputs, model_folder], "--out")
     if is_export_folder(model):
         if device not in (None, "cpu"):
             raise InputError(f"--device {device}: an exported model runs on the CPU (omit --device)")
@@ -69,7 +77,8 @@ def predict(
     image_threshold = stored.get("image_threshold") if image_threshold is None else image_threshold
     pixel_threshold = stored.get("pixel_threshold") if pixel_threshold is None else pixel_threshold
     return write_predictions(
-        score_batch, images, folder, size, batch_size, image_threshold, pixel_threshold, overlays, progress
+        score_batch, images, folder, size, batch_size, image_threshold, pixel_threshold, overlays, progress,
+        overwrite=overwrite,
     )
 
 
@@ -77,8 +86,9 @@ def _torch_model(model: Any, device: str | None, image_size: Any = None) -> tupl
     """Stored thresholds, input size and scoring function of an eager PyTorch RealNet."""
     import torch
 
-    from .evaluation import load_model, load_thresholds
+    from .evaluation import load_model, load_thresholds, resolve_device
 
+    device = resolve_device(device)
     stored = load_thresholds(model) or {}
     net = load_model(model, device=device)
     net_device = next(net.parameters()).device

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sia.errors import InputError
 from sia.images import IMAGE_EXTENSIONS, list_images, load_image, pil_to_array
 
-from .outputs import remove_previous_results
+from .outputs import check_planned_outputs, prepare_output_folder
 
 SCORES_CSV = "scores.csv"
 SCORES_JSONL = "scores.jsonl"
@@ -119,6 +119,7 @@ def write_predictions(
     pixel_threshold: float | None,
     overlays: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[Prediction]:
     """Score `images` batch by batch with `score_batch` and write every result into `folder`.
 
@@ -127,11 +128,11 @@ def write_predictions(
     """
     from .visualize import overlay as make_overlay
 
-    remove_previous_results(folder, PREDICT_OUTPUTS)
-    for sub in ("maps", "masks", "overlays"):
-        if sub == "masks" and pixel_threshold is None or sub == "overlays" and not overlays:
-            continue
-        (folder / sub).mkdir(parents=True, exist_ok=True)
+    planned = planned_files([name for _, name in images], pixel_threshold is not None, overlays)
+    check_planned_outputs(folder, planned, overwrite)
+    for file, _ in tqdm(images, desc="check images", disable=not progress):
+        load_image(file)  # a corrupt image stops the run before anything is written
+    prepare_output_folder(folder, planned, "realnet predict", overwrite)
     results: list[Prediction] = []
     for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress):
         chunk = images[start : start + batch_size]
@@ -168,6 +169,16 @@ def write_predictions(
             )
     write_tables(folder, results, image_threshold, pixel_threshold)
     return results
+
+
+def planned_files(names: Sequence[str], masks: bool, overlays: bool) -> list[str]:
+    """Every file a prediction run writes (relative to ``out``), temporary ones included."""
+    planned = [SCORES_CSV, f"{SCORES_CSV}.tmp", SCORES_JSONL, f"{SCORES_JSONL}.tmp"]
+    for name in names:
+        planned += [f"maps/{name}.npy", f"maps/{name}.png"]
+        planned += [f"masks/{name}.png"] if masks else []
+        planned += [f"overlays/{name}.png"] if overlays else []
+    return planned
 
 
 def write_tables(folder: Path, results: list[Prediction], image_threshold, pixel_threshold) -> None:

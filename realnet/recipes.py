@@ -72,6 +72,17 @@ class Recipe:
             raise InputError(f"recipe {self.name}: rrs_bn_momentum must lie in (0, 1] or be None, got {self.rrs_bn_momentum}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise InputError(f"recipe {self.name}: ema_decay must lie in (0, 1) or be None, got {self.ema_decay}")
+        for name in ("weight_decay", "focal_gamma", "segmentation_weight", "reconstruction_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"recipe {self.name}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.discriminator_lr_scale <= 0:
+            raise InputError(f"recipe {self.name}: discriminator_lr_scale must be > 0, got {self.discriminator_lr_scale}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise InputError(f"recipe {self.name}: min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise InputError(f"recipe {self.name}: grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise InputError(f"recipe {self.name}: betas must lie in [0, 1), got {list(self.betas)}")
 
     def _check_types(self) -> None:
         """Values from ``--recipe-option`` are JSON of any type: a wrong one is an InputError, not a
@@ -81,6 +92,9 @@ class Recipe:
 
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name, "str")
+            values = value if kind == "pair" and isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):  # NaN passes every `<=` check
+                raise InputError(f"recipe {self.name}: {f.name} must be a finite number, got {value!r}")
             if kind == "float" and number(value) or kind == "bool" and isinstance(value, bool):
                 continue
             if kind == "int" and isinstance(value, int) and not isinstance(value, bool):

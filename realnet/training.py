@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from sia import runs
 from sia.errors import InputError
+from sia.paths import separate_output
 from sia.runs import (CHECKPOINT_DIR, RunLayout, append_jsonl, atomic_folder, check_mixed_precision, load_checkpoint,
                       make_accelerator, open_run_folder, resumable_checkpoint, save_checkpoint, trim_log,
                       write_json_atomic)
@@ -55,6 +56,7 @@ from sia.runs import (CHECKPOINT_DIR, RunLayout, append_jsonl, atomic_folder, ch
 from .batching import BalancedBatchSampler, EpochBatchSampler, collate, seeded_batches
 from .calibration import calibrate_on_held_out_images, calibrate_thresholds
 from .construction import build_model, check_model_kwargs, make_optimizer
+from .data import check_mask_threshold
 from .feature_cache import CleanFeatureCache
 from .image_size import check_stride, parse_image_size
 from .losses import realnet_loss
@@ -110,6 +112,7 @@ class TrainingConfig:
     progress: bool = True
     max_train_images: Optional[int] = None
     feature_cache_mb: float = 1024.0
+    mask_threshold: float = 0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -195,10 +198,18 @@ def _validate_config(config: TrainingConfig) -> None:
     if config.afs_batches < 1:
         raise InputError(f"--afs-batches: expected a positive number, got {config.afs_batches}")
     _check_image_size(config)
+    for flag, value in (("--num-workers", config.num_workers), ("--checkpoint-every", config.checkpoint_every),
+                        ("--validate-every", config.validate_every)):
+        if value < 0:  # `it % -1 == 0` would act at every iteration
+            raise InputError(f"{flag}: expected 0 or a positive number, got {value}")
+    if not 0.0 <= config.validation_fraction < 1.0:
+        raise InputError(f"--validation-fraction: expected a value in [0, 1), got {config.validation_fraction}")
     if not 0.0 < config.threshold_fpr < 1.0:
         raise InputError(f"--threshold-fpr: expected a value in (0, 1), got {config.threshold_fpr}")
     if not Path(config.data).is_dir():
         raise InputError(f"--data {config.data}: no such folder")
+    check_mask_threshold(config.mask_threshold)
+    separate_output(config.output, _input_paths(config), "--output")
     check_model_kwargs(config.model_kwargs)
 
 
@@ -210,6 +221,14 @@ def _check_image_size(config: TrainingConfig) -> None:
     layers = config.model_kwargs.get("layers") or DEFAULT_LAYERS
     stride = max(feature_strides(backbone, layers))
     check_stride(config.size, stride, "--image-size", f"backbone {backbone} at layers {list(layers)}")
+
+
+def _input_paths(config: TrainingConfig) -> list[Path]:
+    """Files and folders a run reads: its output must neither be, hold nor lie inside one of them."""
+    kind, sep, rest = config.source.partition(":")
+    source = rest if sep and kind.strip().lower() in ("sia", "dtd") else config.source
+    candidates = [config.data, source, config.backbone_weights]
+    return [Path(c) for c in candidates if c and Path(c).exists()]
 
 
 def _resolve_recipe(config: TrainingConfig) -> Recipe:

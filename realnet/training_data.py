@@ -79,7 +79,7 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
     for index, category in enumerate(names):
         # Masks are not needed for training; defective images under train/ are skipped below.
         split = load_split(config.data, dataset=config.dataset, category=category, split="train", image_size=size,
-                           allow_missing_masks=True)
+                           allow_missing_masks=True, mask_threshold=config.mask_threshold)
         indices = [i for i, label in enumerate(split.labels) if label == 0]
         if not indices:
             raise InputError(f"--data {config.data}: category {category!r} has no normal training images")

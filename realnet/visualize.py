@@ -46,13 +46,18 @@ PREDICTION_COLOUR = (255, 0, 0)
 
 
 def _as_2d(values: Any, name: str) -> np.ndarray:
-    """(H,W), (1,H,W) or (H,W,1) tensor/array -> float64 numpy (H,W)."""
+    """(H,W), (1,H,W) or (H,W,1) tensor/array -> float64 numpy (H,W); (1,H,1) is read as (1,H,W)."""
     if isinstance(values, Image.Image):
         values = np.asarray(values.convert("F"))
     if is_tensor(values):
         values = values.detach().float().cpu().numpy()
     array = np.asarray(values, dtype=np.float64)
-    array = np.squeeze(array)
+    # Drop only a channel axis: squeezing every length-1 axis would turn a 1-pixel-high or -wide
+    # map (a 50x1 image) into a vector.
+    if array.ndim == 3 and array.shape[0] == 1:
+        array = array[0]
+    elif array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
     if array.ndim != 2:
         raise InputError(f"{name}: expected a single-channel map of shape (H, W) or (1, H, W), got {np.shape(values)}")
     return array

@@ -170,10 +170,9 @@ def _mask_values(mask: Image.Image) -> np.ndarray:
     return np.asarray(mask)
 
 
-def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Ground-truth mask file -> float tensor (1, H, W) in {0, 1}; any non-zero pixel is anomalous."""
-    import torch
-
+def read_mask_values(path: str | Path) -> tuple[np.ndarray, float]:
+    """(H, W) label values of a mask file (colour channels folded by their maximum) and their full
+    scale: 255 for 8-bit masks, 65535 for 16-bit ones, 1 for bilevel or [0, 1] float masks."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such mask file")
@@ -185,7 +184,28 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None) -> torch.Te
         raise InputError(f"{path}: cannot read mask ({err})") from None
     if array.ndim == 3:
         array = array.max(axis=-1)
-    binary = Image.fromarray((array > 0).astype(np.uint8) * 255, mode="L")
+    if array.dtype == bool:
+        return array.astype(np.uint8), 1.0
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError(f"{path}: mask contains NaN or infinite values")
+        return array, 1.0 if array.max(initial=0.0) <= 1.0 else 255.0
+    return array, 255.0 if array.dtype.itemsize == 1 else 65535.0
+
+
+def load_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: float = 0) -> torch.Tensor:
+    """Ground-truth mask file -> float tensor (1, H, W) in {0, 1}.
+
+    A pixel is anomalous when its value exceeds ``threshold``, given on the 8-bit scale (0 to 254;
+    a 16-bit mask compares with ``threshold * 257``). The default 0 suits exact masks (any non-zero
+    pixel, class-id masks included); lossy or anti-aliased masks want a higher one, e.g. 127.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 255:
+        raise InputError(f"mask threshold: expected a number in [0, 255) on the 8-bit scale, got {threshold!r}")
+    import torch
+
+    array, full_scale = read_mask_values(path)
+    binary = Image.fromarray((array > threshold * full_scale / 255.0).astype(np.uint8) * 255, mode="L")
     if size is not None and (binary.height, binary.width) != tuple(size):
         binary = binary.resize((size[1], size[0]), Image.NEAREST)
     return torch.from_numpy((np.asarray(binary) > 0).astype(np.float32))[None]

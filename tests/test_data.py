@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from realnet.data import AnomalyDataset, SampleRecord, available_categories, load_split, split_normal_records
+from realnet.data import (
+    AnomalyDataset,
+    SampleRecord,
+    available_categories,
+    load_split,
+    split_normal_records,
+)
 from sia.errors import InputError
 
 SIZE = 16
@@ -249,3 +256,95 @@ def test_batches_collate_with_default_loader(tmp_path):
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["mask"].shape == (4, 1, SIZE, SIZE)
     assert batch["label"].tolist() == dataset.labels
     assert list(batch["category"]) == ["bottle"] * 4
+
+
+def write_graded_mask(path: Path, size: tuple[int, int] = (SIZE, SIZE), dtype=np.uint8) -> Path:
+    """A lossy-looking mask: a full-scale 2x2 core inside a 6x6 ring of grey values 40..120."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    peak = np.iinfo(dtype).max
+    array = np.zeros(size, dtype=dtype)
+    array[5:11, 5:11] = np.linspace(40, 120, 36).reshape(6, 6) * (peak / 255)
+    array[7:9, 7:9] = peak
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_mask_threshold_binarises_lossy_masks_at_the_given_grey_level(tmp_path, dtype):
+    make_mvtec(tmp_path)
+    for mask in (tmp_path / "bottle" / "ground_truth" / "broken").glob("*.png"):
+        write_graded_mask(mask, dtype=dtype)
+    default = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=None)
+    strict = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=None, mask_threshold=127)
+    defective = [i for i in range(len(default)) if default[i]["label"] == 1]
+    assert [default[i]["mask"].sum().item() for i in defective] == [36.0, 36.0]  # > 0: the whole grey ring
+    assert [strict[i]["mask"].sum().item() for i in defective] == [4.0, 4.0]  # > 127: the core only
+    ring = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=None, mask_threshold=80)
+    assert 4 < ring[defective[0]]["mask"].sum().item() < 36
+
+
+def test_graded_masks_are_counted_in_a_one_line_warning(tmp_path, caplog):
+    make_mvtec(tmp_path)
+    masks = sorted((tmp_path / "bottle" / "ground_truth" / "broken").glob("*.png"))
+    write_graded_mask(masks[0])
+    with caplog.at_level(logging.WARNING, logger="realnet.data"):
+        load_split(tmp_path, "mvtec-ad", "bottle", "test")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "1 of 2 masks" in warnings[0] and "--mask-threshold 127" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="realnet.data"):
+        load_split(tmp_path, "mvtec-ad", "bottle", "test", mask_threshold=127)  # the user chose a threshold
+        load_split(tmp_path, "mvtec-ad", "bottle", "train")  # no masks read for normal images
+    assert not caplog.records
+
+
+def test_exact_and_class_id_masks_raise_no_warning(tmp_path, caplog):
+    make_mvtec(tmp_path)
+    masks = sorted((tmp_path / "bottle" / "ground_truth" / "broken").glob("*.png"))
+    write_mask(masks[0], value=2)  # VisA-style class ids: small values, never near full scale
+    with caplog.at_level(logging.WARNING, logger="realnet.data"):
+        dataset = load_split(tmp_path, "mvtec-ad", "bottle", "test", image_size=SIZE)
+    assert not caplog.records
+    assert all(dataset[i]["mask"].sum() == 24 for i in range(len(dataset)) if dataset[i]["label"])
+
+
+def test_kolektor_labels_follow_the_mask_threshold(tmp_path):
+    for part in range(4):
+        base = tmp_path / "kos00" / f"Part{part}"
+        write_image(base.with_suffix(".jpg"), 120)
+        write_mask(base.parent / f"Part{part}_label.png", value=255 if part == 0 else 60 if part == 1 else 0,
+                   box=(2, 6, 3, 9) if part < 2 else (0, 0, 0, 0))
+    default = load_split(tmp_path, "kolektorsdd", split="test", image_size=SIZE)
+    strict = load_split(tmp_path, "kolektorsdd", split="test", image_size=SIZE, mask_threshold=127)
+    assert sum(default.labels) == 2 and sum(strict.labels) == 1  # a faint-only mask is no defect at > 127
+
+
+@pytest.mark.parametrize("value", [-1, 255, float("nan"), "127", True])
+def test_mask_threshold_out_of_range_is_an_error(tmp_path, value):
+    make_mvtec(tmp_path)
+    with pytest.raises(InputError, match="mask-threshold"):
+        load_split(tmp_path, "mvtec-ad", "bottle", "test", mask_threshold=value)
+
+
+@pytest.mark.parametrize("category", ["../bottle", "/etc", "bottle/../bottle", "..", ""])
+def test_category_names_must_be_plain_names(tmp_path, category):
+    make_mvtec(tmp_path / "root")
+    with pytest.raises(InputError, match="category"):
+        load_split(tmp_path / "root", "mvtec-ad", category, "test")
+
+
+@pytest.mark.parametrize("dataset", ["folder", "mvtec-ad"])
+def test_a_single_category_folder_accepts_only_its_own_name(tmp_path, dataset):
+    cat = make_mvtec(tmp_path, category="widget")
+    with pytest.raises(InputError, match=r"category 'nope'.*single category 'widget'"):
+        load_split(cat, dataset, "nope", "test")
+    own = load_split(cat, dataset, "widget", "test", image_size=SIZE)
+    assert own.categories == ["widget"] and len(own) == 4
+
+
+def test_a_flat_folder_refuses_another_category_name(tmp_path):
+    write_image(tmp_path / "parts" / "good" / "g0.png")
+    write_image(tmp_path / "parts" / "good" / "g1.png")
+    with pytest.raises(InputError, match=r"category 'nope'.*single category 'parts'"):
+        load_split(tmp_path / "parts", "folder", "nope", "train")

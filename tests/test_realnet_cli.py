@@ -155,22 +155,25 @@ def test_a_second_run_into_the_same_out_needs_overwrite_and_leaves_no_stale_file
     root, output = trained
     out = tmp_path / "out"
     if command == "eval":
-        args = ["eval", "--model", str(output), "--data", str(root), "--category", "widget", "--out", str(out)]
-        stale, result_file = out / "overlays" / "widget" / "from_an_earlier_run.png", out / "metrics.json"
+        base = ["eval", "--model", str(output), "--data", str(root), "--category", "widget", "--out", str(out)]
+        first_args, second_args = base, [*base, "--no-overlays"]
+        stale, result_file = out / "overlays" / "widget" / "blob_000.png", out / "metrics.json"
     else:
-        args = ["predict", str(root / "widget" / "test"), "--model", str(output), "--out", str(out)]
-        stale, result_file = out / "maps" / "from_an_earlier_run.npy", out / "scores.csv"
-    assert runner.invoke(app, [*args, "--device", "cpu"]).exit_code == 0
-    stale.write_bytes(b"old")
+        base = ["--model", str(output), "--out", str(out)]
+        first_args = ["predict", str(root / "widget" / "test"), *base]
+        second_args = ["predict", str(root / "widget" / "test" / "good"), *base]
+        stale, result_file = out / "maps" / "blob__000.npy", out / "scores.csv"
+    assert runner.invoke(app, [*first_args, "--device", "cpu"]).exit_code == 0
+    assert stale.is_file()  # a result of the first run that the second does not write again
     keep = out / "notes.txt"  # not a result: --overwrite must leave it alone
     keep.write_text("mine")
     first = result_file.read_bytes()
 
-    again = runner.invoke(app, [*args, "--device", "cpu"])
+    again = runner.invoke(app, [*second_args, "--device", "cpu"])
     assert again.exit_code == 2 and "--overwrite" in again.output and len(again.output.strip().splitlines()) == 1
     assert stale.is_file() and result_file.read_bytes() == first
 
-    replaced = runner.invoke(app, [*args, "--device", "cpu", "--overwrite"])
+    replaced = runner.invoke(app, [*second_args, "--device", "cpu", "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert not stale.exists() and result_file.is_file() and keep.read_text() == "mine"
 

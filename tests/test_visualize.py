@@ -55,6 +55,17 @@ def test_overlay_blends_half_and_draws_contours():
     assert tuple(marked[0, 0]) == tuple(plain[0, 0])  # far from both contours: unchanged
 
 
+
+@pytest.mark.parametrize("height, width", [(1, 1), (50, 1), (1, 50)])
+def test_one_pixel_high_or_wide_maps_keep_their_shape(height, width):
+    image = Image.new("RGB", (width, height), (100, 100, 100))
+    scores = np.linspace(0, 1, height * width).reshape(height, width)
+    layouts = [scores, scores[None], torch.from_numpy(scores)[None]] + ([scores[..., None]] if height > 1 else [])
+    for values in layouts:  # (1, 50, 1) is read as (1, H, W): channels first wins
+        assert heatmap(values, vmin=0, vmax=1).shape == (height, width, 3)
+        picture = overlay(image, values, mask=np.ones((height, width)), threshold=0.5, vmin=0, vmax=1)
+        assert picture.size == (width, height)
+
 def test_triptych_layout_and_atomic_write(tmp_path):
     image = Image.new("RGB", (20, 12), (10, 200, 30))
     mask = np.zeros((12, 20)); mask[2:5, 3:9] = 1
