@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sia.errors import InputError
+from sia.errors import InputError, read_json_object
 from sia.paths import inside, path_component, separate_output
 
 from .image_size import inference_size
@@ -126,12 +126,7 @@ def load_thresholds(model: Any) -> Optional[dict]:
             return None
     if not path.is_file():
         return None
-    try:
-        thresholds = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not a readable thresholds file ({err})") from None
-    if not isinstance(thresholds, dict):
-        raise InputError(f"{path}: expected a JSON object with image_threshold and pixel_threshold")
+    thresholds = read_json_object(path, "thresholds file")
     for key in ("image_threshold", "pixel_threshold"):
         value = thresholds.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):

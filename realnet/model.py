@@ -8,7 +8,6 @@ frozen backbone included, so a saved model runs offline without timm/Hub weight 
 from __future__ import annotations
 
 import contextvars
-import json
 import numbers
 import os
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from sia.errors import InputError
+from sia.errors import InputError, read_json_object
 
 from .afs import DEFAULT_AFS_BATCHES, FeatureSelector, accumulate_channel_losses, select_channels
 from .backbone import DEFAULT_BACKBONE, DEFAULT_LAYERS, Backbone, FeatureStandardizer
@@ -473,15 +472,8 @@ def _check_model_location(name: str) -> None:
 def _check_config_file(path: str) -> None:
     """A local config.json must be a JSON object; the mixin would fail on anything else with a
     traceback that does not name the file."""
-    if not os.path.isfile(path):
-        return  # reported as a missing config further on
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not a readable JSON config ({err})") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path}: expected a JSON object of RealNet settings, got {type(config).__name__}")
+    if os.path.isfile(path):  # a missing one is reported further on
+        read_json_object(path, "RealNet config")
 
 
 def _hub_input_error(model_id: str, revision: str | None, filename: str, err: BaseException) -> InputError:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from sia.errors import InputError
+from sia.errors import InputError, read_json_object
 from sia.paths import inside, writable_folder_path
 
 MANIFEST = ".realnet-outputs.json"
@@ -51,13 +51,10 @@ def read_manifest(folder: str | Path) -> dict[str, list[str]]:
     path = folder / MANIFEST
     if not path.is_file():
         return {"files": [], "folders": []}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: cannot read the list of earlier results ({err}); delete it to keep every file") from None
+    record = read_json_object(path, "list of earlier results (delete it to keep every file)")
     entries: dict[str, list[str]] = {}
     for key in ("files", "folders"):
-        values = record.get(key, []) if isinstance(record, dict) else None
+        values = record.get(key, [])
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise InputError(f"{path}: {key} must be a list of relative paths; delete it to keep every file")
         for value in values:

@@ -42,3 +42,18 @@ def whole_number(value: object, name: str, minimum: int = 1) -> int:
     if number < minimum:
         raise InputError(f"{name} must be at least {minimum}, got {number}")
     return number
+
+
+def read_json_object(path, what: str = "JSON file") -> dict:
+    """The JSON object in the file ``path``; an unreadable, invalid or non-object file is a one-line
+    InputError naming it (``what`` says what the file should have been)."""
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a readable {what} ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a valid {what} (expected a JSON object, got {type(data).__name__})")
+    return data

@@ -158,13 +158,13 @@ def test_cuda_without_a_gpu_is_a_one_line_error(model_dir, data_root, tmp_path, 
 @pytest.mark.parametrize(
     "name, content, words",
     [
-        ("config.json", b"{\"backbone\": ", ["config.json", "not a readable JSON config"]),
-        ("config.json", b"[1, 2]", ["config.json", "JSON object"]),
+        ("config.json", b"{\"backbone\": ", ["config.json", "not a readable RealNet config"]),
+        ("config.json", b"[1, 2]", ["config.json", "expected a JSON object"]),
         ("config.json", b"{\"image_size\": \"huge\"}", ["config.json", "image_size"]),
         ("model.safetensors", b"not safetensors at all", ["model.safetensors", "not a readable safetensors"]),
         ("thresholds.json", b"{\"image_threshold\": 0.5,", ["thresholds.json", "not a readable thresholds file"]),
         ("thresholds.json", b"{\"image_threshold\": \"high\"}", ["thresholds.json", "image_threshold"]),
-        ("thresholds.json", b"[0.5]", ["thresholds.json", "JSON object"]),
+        ("thresholds.json", b"[0.5]", ["thresholds.json", "expected a JSON object"]),
     ],
 )
 @pytest.mark.parametrize("command", ["eval", "predict"])
