@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sia.devices import parse_device
 from sia.errors import InputError, read_json_object
 from sia.paths import inside, path_component, separate_output
 
@@ -32,32 +33,10 @@ METRICS_FILE = "metrics.json"
 OVERLAYS_DIR = "overlays"
 
 
-def resolve_device(device: Optional[str | torch.device] = None, parameter: str = "--device") -> torch.device:
-    """``device`` as a torch device that exists on this machine (default: cuda if available, else cpu).
-
-    An unknown name or an accelerator this machine lacks is a one-line InputError, not a traceback
-    from deep inside the first ``.to(device)``.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"{parameter} {device!r}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
-    if resolved.type == "cpu":
-        return resolved
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError(f"{parameter} {device}: no CUDA GPU is available on this machine; use --device cpu")
-        if resolved.index is not None and resolved.index >= count:
-            raise InputError(f"{parameter} {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
-        return resolved
-    backend = getattr(torch.backends, resolved.type, None) if resolved.type == "mps" else getattr(torch, resolved.type, None)
-    available = getattr(backend, "is_available", None)
-    if resolved.type == "meta" or not callable(available) or not available():
-        raise InputError(f"{parameter} {device}: this machine has no {resolved.type} device; use --device cpu")
-    return resolved
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """``device`` checked against this machine (a one-line InputError naming --device, not a traceback
+    from the first ``.to(device)``); default: cuda if available, else cpu."""
+    return parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def finite_threshold(value: Optional[float], parameter: str) -> Optional[float]:
@@ -128,9 +107,7 @@ def load_thresholds(model: Any) -> Optional[dict]:
         return None
     thresholds = read_json_object(path, "thresholds file")
     for key in ("image_threshold", "pixel_threshold"):
-        value = thresholds.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise InputError(f"{path}: {key} must be a finite number or null, got {value!r}")
+        finite_threshold(thresholds.get(key), f"{path}: {key}")
     return thresholds
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .devices import parse_device
 from .errors import InputError, whole_number
 from .paths import inside, separate_output, writable_folder_path
 from .pipeline import SDASPipeline
@@ -98,22 +99,6 @@ def strength_warning(strengths: Sequence[float], sampler: str) -> str | None:
         return None
     return (f"warning: --strength {max(strengths):g} is above the range the {sampler.lower()} sampler is meant for "
             f"(official {usual}, warned above {limit:g}); the samples will hardly look like the product")
-
-
-def parse_device(device: str | torch.device | None) -> torch.device | None:
-    """`device` as a `torch.device` this machine can use (None stays None); InputError naming --device otherwise."""
-    if device is None:
-        return None
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"--device {device!r}: not a device name (expected e.g. cpu, cuda, cuda:1, mps)") from None
-    try:
-        torch.empty(0, device=parsed)
-    except Exception as err:  # noqa: BLE001 - no driver, not compiled in, bad ordinal: all mean "not here"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--device {device}: not available on this machine ({reason}); use --device cpu") from None
-    return parsed
 
 
 def parse_categories(values: str | Sequence[str]) -> list[str]:

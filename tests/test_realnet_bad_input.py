@@ -128,7 +128,7 @@ def test_predict_refuses_non_finite_thresholds(model_dir, data_root, tmp_path, f
 
 
 @pytest.mark.parametrize("command", ["eval", "predict"])
-@pytest.mark.parametrize("device, words", [("foo", ["--device", "foo", "not a torch device"]),
+@pytest.mark.parametrize("device, words", [("foo", ["--device", "foo", "not a device name"]),
                                            ("cuda:99", ["--device", "cuda:99"]),
                                            ("meta", ["--device", "meta"])])
 def test_unknown_or_missing_devices_are_one_line_errors(model_dir, data_root, tmp_path, command, device, words):
@@ -148,7 +148,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(model_dir, data_root, tmp_path, 
         args = ["eval", "--model", str(model_dir), "--data", str(data_root), "--category", "widget"]
     else:
         args = ["predict", str(data_root / "widget" / "test"), "--model", str(model_dir), "--out", str(tmp_path / "o")]
-    one_line_error(runner.invoke(app, [*args, "--device", "cuda"]), "--device cuda", "no CUDA GPU")
+    one_line_error(runner.invoke(app, [*args, "--device", "cuda"]), "--device cuda", "not available on this machine")
 
 
 # ------------------------------------------------------------------------------------------------
