@@ -25,7 +25,7 @@ from sia.errors import InputError, read_json_object
 from sia.paths import inside, path_component, separate_output
 
 from .image_size import inference_size
-from .outputs import check_batch_size, check_output_folder, prepare_output_folder
+from .outputs import check_batch_size, check_output_folder, finite_threshold, prepare_output_folder
 
 MODEL_SUBDIR = "model"
 THRESHOLDS_FILE = "thresholds.json"
@@ -37,15 +37,6 @@ def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
     """``device`` checked against this machine (a one-line InputError naming --device, not a traceback
     from the first ``.to(device)``); default: cuda if available, else cpu."""
     return parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def finite_threshold(value: Optional[float], parameter: str) -> Optional[float]:
-    """``value`` as a float if it is None or a finite number: NaN would flag nothing, inf everything."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{parameter}: expected a finite number, got {value!r}")
-    return float(value)
 
 
 def local_model_folder(model: Any) -> Optional[Path]:

@@ -13,9 +13,11 @@ replace is refused, not overwritten.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Optional
 
 from sia.errors import InputError, read_json_object
 from sia.paths import inside, writable_folder_path
@@ -28,6 +30,15 @@ def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"--batch-size: expected a positive integer, got {batch_size!r}")
     return batch_size
+
+
+def finite_threshold(value: Optional[float], parameter: str) -> Optional[float]:
+    """``value`` as a float if it is None or a finite number: NaN would flag nothing, inf everything."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{parameter}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def check_output_folder(folder: str | Path, overwrite: bool, parameter: str = "--out") -> Path:

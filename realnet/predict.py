@@ -20,7 +20,7 @@ from sia.paths import separate_output
 
 from .deploy import ExportedRealNet, is_export_folder
 from .image_size import format_image_size, inference_size, parse_image_size
-from .outputs import check_batch_size, check_output_folder
+from .outputs import check_batch_size, check_output_folder, finite_threshold
 from .prediction_files import (  # noqa: F401 - part of this module's public names
     PREDICT_OUTPUTS,
     SCORES_CSV,
@@ -55,14 +55,17 @@ def predict(
     the files the earlier run recorded writing there (and nothing else). Every image is decoded
     before anything is written, so a corrupt file stops the run and leaves ``out`` untouched.
     """
-    from .evaluation import finite_threshold, local_model_folder
-
     check_batch_size(batch_size)
     image_threshold = finite_threshold(image_threshold, "--image-threshold")
     pixel_threshold = finite_threshold(pixel_threshold, "--pixel-threshold")
     folder = check_output_folder(out, overwrite)
     images = collect_images(inputs)
-    model_folder = Path(model) if is_export_folder(model) else local_model_folder(model)
+    if is_export_folder(model):
+        model_folder = Path(model)
+    else:
+        from .evaluation import local_model_folder  # torch: never for an exported model
+
+        model_folder = local_model_folder(model)
     separate_output(folder, [*inputs, model_folder], "--out")
     if is_export_folder(model):
         if device not in (None, "cpu"):

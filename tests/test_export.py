@@ -229,13 +229,14 @@ def test_missing_runtime_is_a_one_line_install_hint(model_dir, onnx_dir, tmp_pat
 def test_an_export_of_another_format_version_is_refused(onnx_dir, tmp_path):
     import shutil
 
-    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / "image.png")
     copy = tmp_path / "old"
     shutil.copytree(onnx_dir, copy)
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     manifest["format_version"] = 99
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    result = _cli("predict", str(tmp_path), "--model", str(copy), "--out", str(tmp_path / "results"))
+    result = _cli("predict", str(tmp_path / "images"), "--model", str(copy), "--out", str(tmp_path / "results"))
     assert result.exit_code == 2 and "--model" in result.output and "export format version 99" in result.output
     assert not (tmp_path / "results").exists()
 
