@@ -7,6 +7,9 @@ what the commands accept, refuse, write and delete, not about detection quality.
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 import shutil
 from pathlib import Path
 
@@ -343,3 +346,37 @@ def test_predict_with_a_corrupt_image_writes_nothing_and_a_rerun_succeeds(model_
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (out / "scores.csv").read_text().count("\n") == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# lossy masks, and the module entry point
+
+
+def test_eval_mask_threshold_is_applied_and_recorded_and_the_default_warns(model_dir, tmp_path, caplog):
+    from scipy import ndimage
+
+    root = tmp_path / "data"
+    make_dataset(root / "widget", n_train=2, n_good=1, n_bad=2)
+    for mask in (root / "widget" / "ground_truth" / "blob").glob("*.png"):
+        defect = np.asarray(Image.open(mask)) > 0
+        rim = ndimage.binary_dilation(defect, iterations=4) & ~defect
+        Image.fromarray(np.where(defect, 255, np.where(rim, 60, 0)).astype(np.uint8)).save(mask)  # a grey rim
+    metrics, warnings = {}, {}
+    for threshold in ("0", "127"):
+        out = tmp_path / f"eval_{threshold}"
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="realnet.data"):
+            result = runner.invoke(app, ["eval", "--model", str(model_dir), "--data", str(root), "--category", "widget",
+                                         "--out", str(out), "--device", "cpu", "--mask-threshold", threshold])
+        assert result.exit_code == 0, result.output
+        warnings[threshold] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        record = json.loads((out / "metrics.json").read_text())
+        assert record["mask_threshold"] == float(threshold)
+        metrics[threshold] = record["metrics"]["widget"]
+    assert len(warnings["0"]) == 1 and "2 of 2 masks" in warnings["0"][0] and not warnings["127"]
+    assert metrics["0"]["pixel_auroc"] != metrics["127"]["pixel_auroc"]  # the rim is defect only at > 0
+
+
+def test_python_dash_m_runs_the_realnet_cli():
+    done = subprocess.run([sys.executable, "-m", "realnet.cli", "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "predict" in done.stdout
