@@ -44,16 +44,21 @@ def whole_number(value: object, name: str, minimum: int = 1) -> int:
     return number
 
 
-def read_json_object(path, what: str = "JSON file") -> dict:
-    """The JSON object in the file ``path``; an unreadable, invalid or non-object file is a one-line
-    InputError naming it (``what`` says what the file should have been)."""
+def read_json_object(path, what: str = "JSON file", advice: str | None = None) -> dict:
+    """The JSON object in the file ``path``; a missing, unreadable, invalid or non-object file is a
+    one-line InputError naming it (``what`` says what the file should have been, ``advice`` what to do).
+
+    Torch-free on purpose: the exported-model path reads its manifest and thresholds with it."""
     import json
     from pathlib import Path
 
+    hint = f"; {advice}" if advice else ""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing (expected a {what}){hint}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not a readable {what} ({err})") from None
+        raise InputError(f"{path}: not a readable {what} ({type(err).__name__}: {err}){hint}") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path}: not a valid {what} (expected a JSON object, got {type(data).__name__})")
+        raise InputError(f"{path}: not a valid {what} (expected a JSON object, got {type(data).__name__}){hint}")
     return data

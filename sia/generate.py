@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .devices import parse_device
-from .errors import InputError, whole_number
+from .errors import InputError, read_json_object, whole_number
 from .paths import inside, separate_output, writable_folder_path
 from .pipeline import SDASPipeline
 
@@ -181,22 +181,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _read_json(path: Path, what: str) -> dict:
-    """A JSON object from `path`; a damaged file is an InputError naming it (not a JSONDecodeError)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable {what} ({type(err).__name__}); fix or delete it") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object ({what}), got {type(data).__name__}; fix or delete it")
-    return data
-
-
 def _check_settings(settings_path: Path, settings: dict, keys: Sequence[str] = SETTINGS_KEYS) -> bool:
     """True when the folder already has settings (equal ones); InputError naming the differences otherwise."""
     if not settings_path.is_file():
         return False
-    existing = _read_json(settings_path, "settings of this dataset folder")
+    existing = read_json_object(settings_path, "settings of this dataset folder", advice="fix or delete it")
     diffs = [f"{k}: existing {existing.get(k)!r} vs requested {settings[k]!r}"
              for k in keys if existing.get(k) != settings[k]]
     if diffs:
@@ -209,7 +198,7 @@ def _rebuild_metadata(output: Path) -> Path:
     records_dir = output / ".sia" / "records"
     lines = []
     for record_path in sorted(records_dir.glob("*/*.json")):
-        record = _read_json(record_path, "image record")
+        record = read_json_object(record_path, "image record", advice="fix or delete it")
         if (output / str(record.get("file_name", ""))).is_file():
             lines.append(json.dumps(record, sort_keys=True))
     metadata = output / "metadata.jsonl"

@@ -85,12 +85,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 def _check_model_index(folder: Path) -> None:
     """InputError naming `folder/model_index.json` if it is missing, unreadable or lists unsafe categories."""
-    from .runs import read_json_object
+    from .errors import read_json_object
 
     path = folder / "model_index.json"
     if not path.is_file():
         raise InputError(f"{folder}: no model_index.json (expected a saved SDASPipeline folder)")
-    index = read_json_object(path, advice="expected the JSON config of an SDASPipeline")
+    index = read_json_object(path, "SDASPipeline config")
     categories = index.get("categories", [])
     if not isinstance(categories, list):
         raise InputError(f"{path}: categories must be a list of names, got {categories!r}")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, read_json_object
 from .paths import separate_output, writable_folder_path
 
 CHECKPOINT_DIR = "checkpoints"
@@ -90,20 +90,6 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_json_object(path: str | Path, advice: str = "fix or delete it") -> dict[str, Any]:
-    """A JSON object from a file; a missing or damaged one is a one-line InputError naming it."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: unreadable ({type(err).__name__}); {advice}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +178,7 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
         if not record.is_file():
             raise InputError(f"--resume {folder}: there is no training run to resume there (no {layout.record}); "
                              "drop --resume to start one")
-        return read_json_object(record)
+        return read_json_object(record, "training run record", advice="fix or delete it")
     present = layout.present(folder, layout.outputs)
     stopped_before_first_checkpoint = record.is_file() and not layout.present(folder, layout.results)
     if overwrite or not present or stopped_before_first_checkpoint:
@@ -389,7 +375,7 @@ def resumable_checkpoint(run_dir: str | Path, num_processes: int) -> Path | None
     """
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
-        check_same_processes(checkpoint, read_json_object(checkpoint / TRAINER_STATE), num_processes)
+        check_same_processes(checkpoint, read_json_object(checkpoint / TRAINER_STATE, "trainer state", advice="fix or delete it"), num_processes)
         return checkpoint
     root = Path(run_dir) / CHECKPOINT_DIR
     legacy = sorted(p.name for p in root.glob("*/optimizer.bin")) if root.is_dir() else []
@@ -438,7 +424,7 @@ def load_checkpoint(accelerator, folder: str | Path, model: torch.nn.Module, obj
     data order and the global batch depend on it.
     """
     folder = Path(folder)
-    trainer_state = read_json_object(folder / TRAINER_STATE)
+    trainer_state = read_json_object(folder / TRAINER_STATE, "trainer state", advice="fix or delete it")
     check_same_processes(folder, trainer_state, accelerator.num_processes)
     try:
         accelerator.unwrap_model(model).load_state_dict(load_state(folder / "model.safetensors"))

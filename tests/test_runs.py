@@ -104,7 +104,7 @@ def test_atomic_writes_leave_the_old_file_when_writing_fails(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "state.json"]  # no temporary left
 
 
-@pytest.mark.parametrize("content, message", [("{", "unreadable"), ("[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize("content, message", [("{", "not a readable"), ("[1, 2]", "expected a JSON object")])
 def test_damaged_run_files_are_one_line_errors(tmp_path: Path, content: str, message: str):
     path = tmp_path / "config.json"
     path.write_text(content)
@@ -122,7 +122,7 @@ def test_resume_needs_a_run_and_a_readable_record(tmp_path: Path):
             runs.open_run_folder(folder, LAYOUT, resume=True, overwrite=False)
         assert "\n" not in str(info.value)
     (tmp_path / "config.json").write_text('{"status": "runn')
-    with pytest.raises(InputError, match="unreadable") as info:
+    with pytest.raises(InputError, match="not a readable") as info:
         runs.open_run_folder(tmp_path, LAYOUT, resume=True, overwrite=False)
     assert "\n" not in str(info.value)
     (tmp_path / "config.json").write_text('{"status": "running"}')

@@ -403,7 +403,7 @@ def test_resume_without_a_run_or_with_a_damaged_record_is_a_one_line_error(data_
         assert "\n" not in str(info.value)
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    for content, message in (('{"status": "runn', "unreadable"), ('{"status": "running"}', "no training settings")):
+    for content, message in (('{"status": "runn', "not a readable"), ('{"status": "running"}', "no training settings")):
         (damaged / "config.json").write_text(content)
         with pytest.raises(InputError, match=message) as info:
             train(tiny_config(data_root, damaged, resume=True))
