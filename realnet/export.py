@@ -42,6 +42,7 @@ from .deploy import (
     import_runtime,
     is_export_folder,
 )
+from .image_size import check_stride, model_stride, parse_image_size, trained_size
 
 DEFAULT_OPSET = 17
 # Largest deviation of the exported graph from the eager model accepted by the check after export.
@@ -64,22 +65,6 @@ class InferenceGraph(nn.Module):
         return out.anomaly_map, out.image_score, out.rrs_indices
 
 
-def parse_image_size(text: str | int | None, what: str = "image_size") -> tuple[int, int] | None:
-    """'256' or '256x320' (height x width) -> (256, 256) / (256, 320); None stays None."""
-    if text is None:
-        return None
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text, text
-    if isinstance(text, (tuple, list)) and len(text) == 2:
-        parts = [str(v) for v in text]
-    else:
-        parts = str(text).lower().replace(" ", "").split("x")
-    if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise InputError(f"{what}: expected a size N or HxW in pixels (e.g. 256 or 256x320), got {text!r}")
-    values = [int(p) for p in parts]
-    return (values[0], values[-1])
-
-
 def parse_batch(batch: str | int | None, what: str = "batch") -> int | None:
     """'dynamic' (or None) -> None; a positive whole number -> that fixed batch size."""
     if batch is None or (isinstance(batch, str) and batch.strip().lower() == "dynamic"):
@@ -94,19 +79,6 @@ def check_format(format: str, what: str = "format") -> str:
     if not isinstance(format, str) or format.lower() not in EXPORT_FORMATS:
         raise InputError(f"{what}: unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     return format.lower()
-
-
-def check_export_size(size: tuple[int, int], model: nn.Module, what: str = "image_size") -> tuple[int, int]:
-    """An exported graph has a fixed size; it must be a multiple of the backbone's largest stride."""
-    stride = max(model.backbone.strides)
-    height, width = size
-    if min(height, width) < 32 or height % stride or width % stride:
-        raise InputError(
-            f"{what}: {height}x{width} does not fit this model; expected height and width >= 32 that are "
-            f"multiples of its backbone stride {stride} (e.g. {max(32, round(height / stride) * stride)}x"
-            f"{max(32, round(width / stride) * stride)})"
-        )
-    return height, width
 
 
 def _load(model: Any, what: str) -> tuple[nn.Module, dict | None, str | None]:
@@ -229,7 +201,8 @@ def export_model(
     if verify or fmt == "openvino":
         import_runtime(RUNTIME_MODULES[fmt], f"format {fmt}")
     net, thresholds, source = _load(model, "model")
-    size = check_export_size(parse_image_size(image_size) or tuple(net.image_size), net)
+    size = trained_size(net) if image_size is None else parse_image_size(image_size, "image_size")
+    size = check_stride(size, model_stride(net), "image_size", "the model's backbone")  # a graph has one fixed size
     graph = InferenceGraph(copy.deepcopy(net).float().cpu().eval()).eval()
     config = getattr(net, "_hub_mixin_config", None)
 

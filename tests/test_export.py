@@ -196,8 +196,8 @@ def _cli(*args):
     ("extra", "message"),
     [
         (["--format", "tflite"], "--format: unknown export format 'tflite'"),
-        (["--image-size", "64x90"], "--image-size: 64x90 does not fit this model"),
-        (["--image-size", "big"], "--image-size: expected a size N or HxW"),
+        (["--image-size", "64x90"], "--image-size 64x90: each side must be a multiple of 16"),
+        (["--image-size", "big"], "--image-size 'big': expected"),
         (["--batch", "0"], "--batch: expected 'dynamic' or a positive whole number"),
     ],
 )
