@@ -155,13 +155,16 @@ def export_command(
     batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed number of images per run.")] = "dynamic",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the export with its runtime and keep it only if it matches the PyTorch model (maps within 1e-4).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="'fp32', or 'int8' (OpenVINO only): post-training quantisation calibrated on --calibration-images; its accuracy cost is not checked, measure it.")] = "fp32",
+    calibration_images: Annotated[Optional[Path], typer.Option("--calibration-images", help="Folder of normal images (e.g. the training images) to calibrate int8 on; at most 300 are used.")] = None,
 ) -> None:
     """Export the whole inference graph (normalisation to image score) for deployment without torch."""
     from .export import export_model
 
-    with _flags_for(model="--model", out="--out", format="--format", image_size="--image-size", batch="--batch"):
+    with _flags_for(model="--model", out="--out", format="--format", image_size="--image-size", batch="--batch",
+                    precision="--precision", calibration_images="--calibration-images"):
         folder = export_model(model, out, format=format, image_size=image_size, batch=batch, overwrite=overwrite,
-                              verify=verify)
+                              verify=verify, precision=precision, calibration_images=calibration_images)
     typer.echo(f"exported to {folder}; run it with: realnet predict IMAGES --model {folder} --out RESULTS")
 
 
