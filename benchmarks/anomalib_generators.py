@@ -7,6 +7,8 @@ one anomaly generator per arm, the same budget and seeds for every arm:
 - ``anomalib-perlin-dtd``: the stock ``PerlinAnomalyGenerator`` with DTD textures (DRAEM as shipped);
 - ``sia-dtd``: ``sia.anomalib.SiaAnomalyGenerator`` with the same DTD textures and the data set's
   foreground preset;
+- ``sia-dtd-whole``: sia with the same DTD textures over the whole image (no foreground preset),
+  which separates the effect of the foreground restriction from that of the generator;
 - ``sia-cutpaste``: sia with CutPaste (no texture data), same foreground preset;
 - ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``), when one is given.
 
@@ -50,7 +52,7 @@ DATASETS = {
     "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", "hazelnut-toy"),
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", "none"),
 }
-ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-cutpaste", "sia-folder")
+ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-cutpaste", "sia-folder")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -120,6 +122,8 @@ def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | Non
     model = Draem(dtd_dir=str(DTD), pre_processor=Draem.configure_pre_processor((size, size)), visualizer=False)
     if arm == "sia-dtd":
         use_sia(model, source=f"dtd:{DTD}", category=foreground, seed=seed)
+    elif arm == "sia-dtd-whole":
+        use_sia(model, source=f"dtd:{DTD}", category="none", seed=seed)
     elif arm == "sia-cutpaste":
         use_sia(model, source="cutpaste", category=foreground, seed=seed)
     elif arm == "sia-folder":
