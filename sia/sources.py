@@ -381,7 +381,8 @@ class CutPasteSource:
 
 
 def make_source(spec: str | Path | AnomalySource, category: str | None = None, cache_size: int = 1024) -> AnomalySource:
-    """Build a source from ``"sia:PATH"``, ``"dtd:PATH"``, ``"cutpaste"``, ``"sdas-inpaint:MODEL"`` or a bare folder (SIA)."""
+    """Build a source from ``"sia:PATH"``, ``"dtd:PATH"``, ``"cutpaste"``, ``"sdas-inpaint:MODEL[?options]"``,
+    ``"sdas-inpaint:SET_FOLDER"`` or a bare folder (SIA)."""
     if not isinstance(spec, (str, Path)):
         if isinstance(spec, AnomalySource):
             return spec
@@ -399,9 +400,9 @@ def make_source(spec: str | Path | AnomalySource, category: str | None = None, c
     if sep and kind.lower() == "dtd":
         return DTDSource(rest, cache_size=cache_size)
     if sep and kind.lower() == "sdas-inpaint":
-        from .inpaint_source import InpaintSDASSource  # diffusers loads only for this source
+        from .inpaint_source import make_inpaint_source  # diffusers loads only for this source
 
-        return InpaintSDASSource(rest, category=category)
+        return make_inpaint_source(rest, category=category)
     if Path(text).is_dir():
         return SIASource(text, category=category, cache_size=cache_size)
     raise InputError(f"source {text!r}: expected 'sia:PATH', 'dtd:PATH', 'cutpaste', 'sdas-inpaint:MODEL' or an existing image folder")
