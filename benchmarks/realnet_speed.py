@@ -17,8 +17,15 @@ WRN50 batch-8 rows are slow on one core, so they use fewer timed repeats (printe
 Both wall time and process CPU time are reported: on a shared machine, CPU time of the
 single-threaded process is the figure least distorted by other processes on the same core.
 
+The deployment rows include OpenVINO int8 (NNCF post-training quantisation, `realnet export
+--precision int8`) and, for WRN50, the same-run official-style eager row as the yardstick. With
+--int8-accuracy MODEL, the accuracy cost of int8 instead: a trained model exported as OpenVINO fp32
+and int8 (calibrated on its training images), both scored on --data's test split.
+
 Usage: python benchmarks/realnet_speed.py [--cpu 0] [--quick] [--deploy [--threads N]]
-Writes benchmarks/out/realnet_speed.json (--deploy: realnet_deploy_speed.json).
+       python benchmarks/realnet_speed.py --int8-accuracy runs/hazelnut/model --data DATA --dataset folder
+Writes benchmarks/out/realnet_speed.json (--deploy: realnet_deploy_speed.json; --int8-accuracy:
+realnet_int8_accuracy.json).
 """
 
 from __future__ import annotations
@@ -73,7 +80,8 @@ ARCHITECTURES = {  # benchmark name -> RealNet keyword arguments
     "resnet18": {"afs_channels": [64, 128, 256, 128]},
     "tf_efficientnet_lite0": {},
 }
-DEPLOY_MODES = ("infer", "infer-channels-last", "onnx", "openvino")
+DEPLOY_MODES = ("infer", "infer-channels-last", "infer-legacy", "onnx", "openvino", "openvino-int8")
+LEGACY_BACKBONES = ("wide_resnet50_2",)  # the same-run official-style yardstick is for the official architecture
 
 
 def benchmark_model(backbone: str):
@@ -96,6 +104,15 @@ def export_for_benchmark(backbone: str, fmt: str, folder: Path) -> None:
     from realnet.export import export_model
 
     torch.set_num_threads(1)
+    if fmt == "openvino-int8":  # speed does not depend on what calibrates it: smooth random images
+        import numpy as np
+
+        ys, xs = np.meshgrid(np.linspace(0, 1, 256), np.linspace(0, 1, 256), indexing="ij")
+        rng = np.random.default_rng(0)
+        calibration = np.stack([np.stack([ys * a, xs * b, (ys + xs) / 2]) for a, b in rng.uniform(0.3, 1, (16, 2))])
+        export_model(benchmark_model(backbone), folder, format="openvino", image_size=256, verify=False, overwrite=True,
+                     precision="int8", calibration_images=calibration.astype(np.float32))
+        return
     export_model(benchmark_model(backbone), folder, format=fmt, image_size=256, verify=False, overwrite=True)
 
 
@@ -194,6 +211,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the WRN50 batch-8 and WRN50 training rows")
     parser.add_argument("--deploy", action="store_true", help="the deployment rows: eager, channels-last, ONNX Runtime, OpenVINO")
     parser.add_argument("--threads", type=int, default=1, help="threads per row for --deploy (1: pinned to --cpu)")
+    parser.add_argument("--int8-accuracy", metavar="MODEL", help="accuracy of a trained model as OpenVINO fp32 vs int8 on --data")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut_toy"),
+                        help="data set for --int8-accuracy (default: the shared hazelnut_toy)")
+    parser.add_argument("--dataset", default="folder", help="layout of --data (realnet.data)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--export-row", help=argparse.SUPPRESS)
     parser.add_argument("--deployed-row", help=argparse.SUPPRESS)
@@ -210,6 +231,9 @@ def main() -> None:
     if args.deployed_row:
         folder, batch, warmup, repeats, threads = args.deployed_row.rsplit(",", 4)
         print(json.dumps(run_deployed_row(Path(folder), int(batch), int(warmup), int(repeats), int(threads))))
+        return
+    if args.int8_accuracy:
+        int8_accuracy_main(args)
         return
     if args.deploy:
         deploy_main(args)
@@ -288,8 +312,58 @@ DEPLOY_ROWS = [
     ("wrn50 arch A", "wide_resnet50_2", 1, 1, 3),
     ("wrn50 arch A", "wide_resnet50_2", 8, 0, 1),
 ]
-MODE_NAMES = {"infer": "eager fp32", "infer-channels-last": "eager channels-last", "onnx": "ONNX Runtime",
-              "openvino": "OpenVINO fp32"}
+MODE_NAMES = {"infer": "eager fp32", "infer-channels-last": "eager channels-last",
+              "infer-legacy": "eager official-style", "onnx": "ONNX Runtime", "openvino": "OpenVINO fp32",
+              "openvino-int8": "OpenVINO int8"}
+EXPORTED_MODES = ("onnx", "openvino", "openvino-int8")
+
+
+def int8_accuracy_main(args) -> None:
+    """Accuracy of a trained model exported as OpenVINO fp32 and int8 (calibrated on its training images)."""
+    import numpy as np
+    import torch
+
+    from realnet.data import load_split
+    from realnet.deploy import ExportedRealNet
+    from realnet.export import export_model
+    from realnet.metrics import evaluate_maps
+
+    torch.set_num_threads(args.threads)
+    exports = Path(__file__).resolve().parent / "out" / "exports"
+    rows = []
+    size = None
+    for precision in ("fp32", "int8"):
+        folder = exports / f"accuracy-{precision}"
+        calibration = None
+        if precision == "int8":
+            train = load_split(args.data, dataset=args.dataset, split="train", image_size=size)
+            calibration = np.stack([train[i]["image"].numpy() for i in range(min(len(train), 300))])
+        started = time.perf_counter()
+        export_model(args.int8_accuracy, folder, format="openvino", overwrite=True, precision=precision,
+                     calibration_images=calibration, verify=precision == "fp32")
+        export_s = time.perf_counter() - started
+        deployed = ExportedRealNet(folder, num_threads=args.threads)
+        size = tuple(deployed.image_size)
+        test = load_split(args.data, dataset=args.dataset, split="test", image_size=size)
+        items = [test[i] for i in range(len(test))]
+        images = np.stack([x["image"].numpy() for x in items])
+        started = time.perf_counter()
+        out = deployed(images)
+        infer_s = time.perf_counter() - started
+        masks = np.stack([x["mask"][0].numpy() for x in items])
+        labels = np.array([x["label"] for x in items])
+        metrics = evaluate_maps(out.anomaly_map[:, 0], masks, out.image_score, labels)
+        rows.append({"precision": precision, "export_s": round(export_s, 1), "images": len(items),
+                     "seconds_per_image": infer_s / len(items), **{k: float(v) for k, v in metrics.items()}})
+        shutil.rmtree(folder, ignore_errors=True)
+    for row in rows[1:]:
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            row[f"{key}_change"] = row[key] - rows[0][key]
+    print(f"{'precision':9} {'image AUROC':>11} {'pixel AUROC':>11} {'PRO':>7} {'s/img':>7}")
+    for r in rows:
+        print(f"{r['precision']:9} {r['image_auroc']:11.4f} {r['pixel_auroc']:11.4f} {r['pro']:7.4f} {r['seconds_per_image']:7.3f}")
+    write_results({"model": str(args.int8_accuracy), "data": str(args.data), "dataset": args.dataset,
+                   "threads": args.threads, "image_size": list(size), "rows": rows}, "realnet_int8_accuracy.json")
 
 
 def deploy_main(args) -> None:
@@ -307,8 +381,10 @@ def deploy_main(args) -> None:
     for backbone in dict.fromkeys(b for _, b, *_ in DEPLOY_ROWS):
         rows = [r for r in DEPLOY_ROWS if r[1] == backbone and not (args.quick and backbone == "wide_resnet50_2" and r[2] == 8)]
         for mode in DEPLOY_MODES:
+            if mode == "infer-legacy" and backbone not in LEGACY_BACKBONES:
+                continue
             folder = exports / f"{backbone}-{mode}"
-            if mode in ("onnx", "openvino"):
+            if mode in EXPORTED_MODES:
                 started = time.perf_counter()
                 proc = child("--export-row", f"{backbone},{mode},{folder}")
                 if proc.returncode != 0:
@@ -317,7 +393,7 @@ def deploy_main(args) -> None:
                 print(f"  exported {backbone} {mode} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
             for name, _, batch, warmup, repeats in rows:
                 started = time.perf_counter()
-                if mode in ("onnx", "openvino"):
+                if mode in EXPORTED_MODES:
                     proc = child("--deployed-row", f"{folder},{batch},{warmup},{repeats},{threads}")
                 else:
                     proc = child("--row", f"{backbone},{mode},{batch},{warmup},{repeats},{threads}")
@@ -335,7 +411,7 @@ def deploy_main(args) -> None:
                 write_results({"partial": True, "threads": threads, "rows": results}, "realnet_deploy_speed.json")
                 print(f"  done {name} b{batch} {mode}: {row['median_s']:.3f} s ({time.perf_counter() - started:.0f} s wall)",
                       file=sys.stderr)
-            if mode in ("onnx", "openvino"):
+            if mode in EXPORTED_MODES:
                 shutil.rmtree(folder, ignore_errors=True)  # graphs of WRN50 are GBs: never keep them
     header = f"{'architecture':26} {'batch':>5} {'mode':20} {'img/s':>7} {'img/CPU s':>9} {'RSS MiB':>8} {'x official':>10}"
     print(header)
