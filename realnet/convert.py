@@ -283,7 +283,7 @@ def convert_official_realnet(
     """Load an official RealNet checkpoint into a `RealNet` (strict), optionally saving it.
 
     With `output_dir`, writes `config.json`, `model.safetensors` and a model card (`card_facts`:
-    dataset, category, metrics, ... as for `sia.cards.render_model_card`).
+    dataset, category, metrics, ... as for `realnet.cards.render_realnet_card`).
     """
     from .model import RealNet
 
@@ -323,7 +323,7 @@ def convert_official_realnet(
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(output_dir)
-        from sia.cards import write_model_card
+        from .cards import write_realnet_card
 
         facts = {
             "backbone": config["backbone"], "image_size": image_size,
@@ -334,5 +334,5 @@ def convert_official_realnet(
             facts["training"] = {"official best_metric (mean of image and pixel AUROC on the test set)":
                                  float(metadata["best_metric"])}
         facts.update(card_facts or {})
-        write_model_card(output_dir, "realnet", **facts)
+        write_realnet_card(output_dir, **facts)
     return model

@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 def write_training_card(model_dir: Path, model: nn.Module, config: TrainingConfig, recipe: Recipe,
                 categories: list[CategoryData], selected: int, progress: TrainingProgress, num_processes: int) -> None:
     """Model card with the licence of the training images (the mixin's default says MIT)."""
-    from sia.cards import SOURCE_DATASETS, write_model_card
+    from sia.cards import SOURCE_DATASETS
     from sia.categories import DATASET_ALIASES
+
+    from .cards import write_realnet_card
 
     dataset = DATASET_ALIASES.get(config.dataset.strip().lower())
     names = [c.name for c in categories]
@@ -40,4 +42,4 @@ def write_training_card(model_dir: Path, model: nn.Module, config: TrainingConfi
         "image_size": list(config.size), "training": training,
         "source": f"trained with `realnet train` on the normal training images of {', '.join(names)}",
     }
-    write_model_card(model_dir, "realnet", **facts)
+    write_realnet_card(model_dir, **facts)

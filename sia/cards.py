@@ -1,4 +1,7 @@
-"""Model and dataset cards for SDAS pipelines, RealNet detectors and SIA data sets.
+"""Model and dataset cards for SDAS pipelines and SIA data sets, and the facts every card shares.
+
+RealNet's model card lives in `realnet.cards` (sia never imports realnet); it uses the source
+data set facts, citations and table helpers defined here.
 
 The Jinja templates live in `sia/assets/cards/` (shipped in the wheel); they are rendered with
 huggingface_hub's `ModelCard.from_template` / `DatasetCard.from_template`, so the YAML front
@@ -23,14 +26,17 @@ __all__ = [
     "SOURCE_DATASETS",
     "template_path",
     "dataset_facts",
+    "hub_tags",
+    "settings_table",
     "render_model_card",
     "render_dataset_card",
+    "write_card",
     "write_model_card",
     "size_category",
 ]
 
 TEMPLATE_DIR = Path(__file__).parent / "assets" / "cards"
-CARD_TEMPLATES = {"sdas": "sdas_pipeline.md", "realnet": "realnet_model.md", "sia": "sia_dataset.md"}
+CARD_TEMPLATES = {"sdas": "sdas_pipeline.md", "sia": "sia_dataset.md"}
 
 REALNET_CITATION = """@inproceedings{zhang2024realnet,
   title     = {RealNet: A Feature Selection Network with Realistic Synthetic Anomaly for Anomaly Detection},
@@ -91,15 +97,14 @@ SOURCE_DATASETS: dict[str, dict[str, str]] = {
 }
 
 _LICENCE_NAMES = {"cc-by-nc-sa-4.0": "CC BY-NC-SA 4.0", "mit": "MIT", "cc-by-4.0": "CC BY 4.0"}
-
-METRIC_NAMES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC", "pro": "PRO (FPR ≤ 0.3)",
-                "image_f1": "Image F1", "pixel_f1": "Pixel F1", "pixel_ap": "Pixel AP", "image_ap": "Image AP"}
+_REALNET_CARDS = "RealNet cards are rendered by realnet.cards (render_realnet_card, write_realnet_card)"
 
 
 def template_path(kind: str) -> Path:
-    """Path of the shipped template for `kind` ("sdas", "realnet" or "sia")."""
+    """Path of the shipped template for `kind` ("sdas" or "sia")."""
     if kind not in CARD_TEMPLATES:
-        raise InputError(f"card kind {kind!r}: expected one of {', '.join(CARD_TEMPLATES)}")
+        hint = f"; {_REALNET_CARDS}" if kind == "realnet" else ""
+        raise InputError(f"card kind {kind!r}: expected one of {', '.join(CARD_TEMPLATES)}{hint}")
     return TEMPLATE_DIR / CARD_TEMPLATES[kind]
 
 
@@ -156,87 +161,51 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def _table(facts: Mapping[str, Any] | None) -> dict[str, str]:
+def settings_table(facts: Mapping[str, Any] | None) -> dict[str, str]:
+    """A settings dictionary as the rows of a card table: values formatted, None left out."""
     return {str(k): _format(v) for k, v in (facts or {}).items() if v is not None}
 
 
-def _metric_value(value: float) -> float:
-    """Metrics are stored as fractions in [0, 1]; percentages are converted."""
-    value = float(value)
-    if not 0.0 <= value <= 100.0:
-        raise InputError(f"metrics: expected values in [0, 1] (or percentages), got {value}")
-    return value / 100.0 if value > 1.0 else value
+def hub_tags(base: Sequence[str], dataset_key: str | None, extra: Sequence[str] = ()) -> list[str]:
+    """A card's tags: its own, then the source benchmark's key, then the caller's (no repeats)."""
+    tags = list(base)
+    if dataset_key:
+        tags.append(dataset_key)
+    return tags + [t for t in extra if t not in tags]
 
 
 def render_model_card(kind: str, **facts: Any):
-    """Render a `huggingface_hub.ModelCard` for an SDAS pipeline ("sdas") or a RealNet model ("realnet").
+    """Render a `huggingface_hub.ModelCard` for an SDAS pipeline (`kind` "sdas").
 
-    Facts used (all optional): repo_id, revision, dataset, category / categories, metrics (dict of
-    name -> value in [0, 1]), eval_split, training (dict), architecture (dict), backbone,
-    image_size, source (provenance sentence), license (only for custom data), tags, base_model.
+    Facts used (all optional): repo_id, revision, dataset, categories, training (dict),
+    architecture (dict), image_size, source (provenance sentence), license (only for custom data),
+    tags, base_model, title.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
-    if kind not in ("sdas", "realnet"):
-        raise InputError(f"model card kind {kind!r}: expected 'sdas' or 'realnet'")
+    if kind != "sdas":
+        hint = f" ({_REALNET_CARDS})" if kind == "realnet" else ""
+        raise InputError(f"model card kind {kind!r}: expected 'sdas'{hint}")
     info = dataset_facts(facts.get("dataset"), facts.get("license"))
     repo_id = facts.get("repo_id") or "path/to/model"
     dataset_key = info["dataset_key"]
-    tags = ["anomaly-detection", "realnet", "industrial-inspection"]
-    if kind == "sdas":
-        tags = ["diffusers", "anomaly-synthesis", "sdas", "realnet", "industrial-inspection"]
-    if dataset_key:
-        tags.append(dataset_key)
-    tags += [t for t in facts.get("tags", []) if t not in tags]
-
-    if kind == "sdas":
-        categories = list(facts.get("categories") or DATASET_CATEGORIES.get(dataset_key or "", ()) or [])
-        if not categories:
-            raise InputError("categories: an SDAS card needs the pipeline's category list")
-        image_size = facts.get("image_size", 256)
-        architecture = {"UNet": "class-conditional ADM (diffusers UNet2DModel), learned variance (6 output channels)"}
-        architecture.update(_table(facts.get("architecture")))
-        card_data = ModelCardData(
-            library_name="diffusers", license=info["license"], pipeline_tag="unconditional-image-generation",
-            tags=tags, base_model=facts.get("base_model"),
-        )
-        title = facts.get("title") or f"SDAS anomaly synthesis for {info['dataset_pretty']}"
-        return ModelCard.from_template(
-            card_data, template_path=str(template_path("sdas")), title=title, repo_id=repo_id,
-            revision=facts.get("revision"), categories=categories, example_category=categories[0],
-            image_size=image_size, architecture=architecture, training=_table(facts.get("training")),
-            source=facts.get("source"), **{k: info[k] for k in ("dataset_pretty", "dataset_url", "licence_text", "citation")},
-        )
-
-    category = facts.get("category")
-    metrics = {str(k): _metric_value(v) for k, v in (facts.get("metrics") or {}).items() if v is not None}
-    eval_split = facts.get("eval_split", "test")
-    eval_results = None
-    if metrics:
-        eval_results = [
-            EvalResult(task_type="image-segmentation", task_name="Anomaly detection and localisation",
-                       dataset_type=dataset_key or "custom", dataset_name=info["dataset_pretty"],
-                       dataset_config=category, dataset_split=eval_split, metric_type=name,
-                       metric_name=METRIC_NAMES.get(name, name), metric_value=round(value, 6))
-            for name, value in metrics.items()
-        ]
-    architecture = {"backbone": facts.get("backbone", "wide_resnet50_2")}
-    architecture.update(_table(facts.get("architecture")))
+    tags = hub_tags(["diffusers", "anomaly-synthesis", "sdas", "realnet", "industrial-inspection"], dataset_key,
+                    facts.get("tags", []))
+    categories = list(facts.get("categories") or DATASET_CATEGORIES.get(dataset_key or "", ()) or [])
+    if not categories:
+        raise InputError("categories: an SDAS card needs the pipeline's category list")
     image_size = facts.get("image_size", 256)
-    image_size_text = (f"{image_size[0]} × {image_size[1]}" if isinstance(image_size, (list, tuple))
-                       else f"{image_size} × {image_size}")
+    architecture = {"UNet": "class-conditional ADM (diffusers UNet2DModel), learned variance (6 output channels)"}
+    architecture.update(settings_table(facts.get("architecture")))
     card_data = ModelCardData(
-        library_name="realnet", license=info["license"], pipeline_tag="image-segmentation", tags=tags,
-        datasets=facts.get("datasets"), base_model=facts.get("base_model"),
-        model_name=facts.get("model_name") or (repo_id.split("/")[-1] if facts.get("repo_id") else "realnet"),
-        eval_results=eval_results, metrics=sorted(metrics) or None,
+        library_name="diffusers", license=info["license"], pipeline_tag="unconditional-image-generation",
+        tags=tags, base_model=facts.get("base_model"),
     )
-    title = facts.get("title") or ("RealNet" + (f": {info['dataset_pretty']} / {category}" if category else ""))
+    title = facts.get("title") or f"SDAS anomaly synthesis for {info['dataset_pretty']}"
     return ModelCard.from_template(
-        card_data, template_path=str(template_path("realnet")), title=title, repo_id=repo_id,
-        revision=facts.get("revision"), category=category, backbone=architecture["backbone"],
-        metrics={METRIC_NAMES.get(k, k): f"{100 * v:.1f}" for k, v in metrics.items()}, eval_split=eval_split,
-        architecture=architecture, training=_table(facts.get("training")), image_size_text=image_size_text,
+        card_data, template_path=str(template_path("sdas")), title=title, repo_id=repo_id,
+        revision=facts.get("revision"), categories=categories, example_category=categories[0],
+        image_size=image_size, architecture=architecture, training=settings_table(facts.get("training")),
         source=facts.get("source"), **{k: info[k] for k in ("dataset_pretty", "dataset_url", "licence_text", "citation")},
     )
 
@@ -285,18 +254,28 @@ def render_dataset_card(
         card_data, template_path=str(template_path("sia")),
         title=f"SIA — synthetic industrial anomalies of {info['dataset_pretty']}",
         repo_id=repo_id or "path/to/dataset", revision=revision, num_images=total, counts=dict(counts),
-        example_category=first, generation=_table(generation), strength_range=strength_text,
+        example_category=first, generation=settings_table(generation), strength_range=strength_text,
         image_size=image_size, has_mask=has_mask, columns=list(columns), source=source,
         **{k: info[k] for k in ("dataset_pretty", "licence_text", "citation")},
     )
 
 
 def write_model_card(folder: str | Path, kind: str, **facts: Any) -> Path:
-    """Render a model card and write it as `folder/README.md` (replacing an auto-generated stub)."""
+    """Render an SDAS model card and write it as `folder/README.md` (replacing an auto-generated stub)."""
+    _check_model_folder(folder)
+    return write_card(folder, render_model_card(kind, **facts))
+
+
+def _check_model_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: model folder does not exist")
-    card = render_model_card(kind, **facts)
+    return folder
+
+
+def write_card(folder: str | Path, card: Any) -> Path:
+    """Write a rendered card as `folder/README.md`, atomically (a kill never leaves half a card)."""
+    folder = _check_model_folder(folder)
     path = folder / "README.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text(str(card), encoding="utf-8")

@@ -12,6 +12,7 @@ from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 from typer.testing import CliRunner
 
+from realnet.cards import TEMPLATE_PATH, render_realnet_card, write_realnet_card
 from sia.cards import (
     CARD_TEMPLATES,
     dataset_facts,
@@ -27,16 +28,50 @@ sys.path.insert(0, str(Path(__file__).parent))
 from official_adm import OfficialADM, randomize_  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_CARDS = Path(__file__).parent / "data" / "realnet_cards"
 
 
 def test_templates_ship_inside_the_package():
-    for kind, name in CARD_TEMPLATES.items():
-        path = template_path(kind)
-        assert path.is_file() and path.parent == ROOT / "sia" / "assets" / "cards"
+    shipped = [(template_path(kind), "sia") for kind in CARD_TEMPLATES] + [(TEMPLATE_PATH, "realnet")]
+    for path, package in shipped:
+        assert path.is_file() and path.parent == ROOT / package / "assets" / "cards"
         assert path.read_text(encoding="utf-8").startswith("---\n{{ card_data }}\n---")
-        assert name in (ROOT / "cards" / "README.md").read_text(encoding="utf-8")
-    with pytest.raises(InputError):
-        template_path("nope")
+        assert path.name in (ROOT / "cards" / "README.md").read_text(encoding="utf-8")
+    assert set(CARD_TEMPLATES) == {"sdas", "sia"}
+    for kind in ("nope", "realnet"):
+        with pytest.raises(InputError):
+            template_path(kind)
+    with pytest.raises(InputError, match="realnet.cards"):
+        render_model_card("realnet")
+
+
+# The facts behind tests/data/realnet_cards/<name>.md: cards rendered before the RealNet card moved
+# from sia.cards to realnet.cards, which must still come out the same.
+REALNET_CARD_FACTS = {
+    "full": dict(repo_id="acme/realnet-bottle", revision="v1", dataset="MVTec-AD", category="bottle",
+                 metrics={"image_auroc": 0.99612, "pixel_auroc": 0.9871, "pro": 0.93, "custom_metric": 0.5},
+                 eval_split="test", training={"recipe": "fast", "iterations": 300, "lr": 0.0001, "sizes": [1, 2.5]},
+                 architecture={"layers": [2, 3], "none": None}, backbone="tf_efficientnet_lite0",
+                 image_size=[256, 320], source="trained with `realnet train`", tags=["extra", "realnet"],
+                 base_model="timm/tf_efficientnet_lite0", datasets=["acme/sia-mvtec-ad"], model_name="bottle-net"),
+    "bare": {},
+    "custom": dict(dataset="my-factory", license="apache-2.0", category="widget", metrics={"pixel_auroc": 97.9},
+                   image_size=192, title="A custom title"),
+    "unlicensed": dict(dataset="my-factory", category="widget"),
+    "visa": dict(dataset="visa", category="pcb1", repo_id="acme/pcb1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REALNET_CARD_FACTS))
+def test_realnet_card_renders_as_before(name, tmp_path):
+    """The text byte for byte; the front matter as data (its YAML layout is huggingface_hub's)."""
+    expected = (EXPECTED_CARDS / f"{name}.md").read_text(encoding="utf-8")
+    text = str(render_realnet_card(**REALNET_CARD_FACTS[name]))
+    assert text.split("\n---\n", 1)[1] == expected.split("\n---\n", 1)[1]
+    assert ModelCard(text).data.to_dict() == ModelCard(expected).data.to_dict()
+    (tmp_path / "model").mkdir()
+    written = write_realnet_card(tmp_path / "model", **REALNET_CARD_FACTS[name])
+    assert written.read_text(encoding="utf-8") == text
 
 
 def test_realnet_card_carries_measured_metrics():
@@ -47,9 +82,9 @@ def test_realnet_card_carries_measured_metrics():
     scores = labels * 0.6 + rng.random(40)
     auroc = image_auroc(scores, labels)
     assert 0.5 < auroc < 1.0
-    card = render_model_card("realnet", repo_id="acme/realnet-bottle", dataset="MVTec-AD", category="bottle",
-                             metrics={"image_auroc": auroc}, training={"recipe": "fast", "iterations": 300},
-                             revision="v1")
+    card = render_realnet_card(repo_id="acme/realnet-bottle", dataset="MVTec-AD", category="bottle",
+                               metrics={"image_auroc": auroc}, training={"recipe": "fast", "iterations": 300},
+                               revision="v1")
     parsed = ModelCard(str(card))
     assert parsed.data.license == "cc-by-nc-sa-4.0" and parsed.data.library_name == "realnet"
     result = parsed.data.eval_results[0]
@@ -62,12 +97,14 @@ def test_realnet_card_carries_measured_metrics():
 
 
 def test_unevaluated_card_says_so_and_percentages_convert():
-    text = str(render_model_card("realnet", dataset="visa", category="pcb1"))
+    text = str(render_realnet_card(dataset="visa", category="pcb1"))
     assert "has not been evaluated" in text and "model-index" not in text and "zou2022spot" in text
-    card = ModelCard(str(render_model_card("realnet", dataset="btad", metrics={"pixel_auroc": 97.9})))
+    card = ModelCard(str(render_realnet_card(dataset="btad", metrics={"pixel_auroc": 97.9})))
     assert card.data.eval_results[0].metric_value == pytest.approx(0.979)
     with pytest.raises(InputError):
-        render_model_card("realnet", metrics={"pro": 250})
+        render_realnet_card(metrics={"pro": 250})
+    with pytest.raises(InputError, match="does not exist"):
+        write_realnet_card(Path("absent-model-folder"), metrics={"pro": 0.5})
 
 
 def test_licence_follows_the_source_data():
