@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.features:
         if args.backbone_weights is None:
-            from sia.demo import backbone_choice
+            from realnet.demo import backbone_choice
 
             args.backbone_weights = backbone_choice()["backbone_weights"]
         if args.backbone_weights is None:

@@ -10,7 +10,7 @@ and is then scored on the real defects of the bundled test set (pixel AUROC).
     python examples/plain_pytorch_loop.py --source dtd:../shared/data/dtd/images
 
 The anomaly content comes from `--source`: `cutpaste` (patches of the same photo, needs nothing),
-`dtd:FOLDER` (texture photos) or an SIA folder made with `sia generate` / `sia demo`.
+`dtd:FOLDER` (texture photos) or an SIA folder made with `sia generate` / `realnet demo`.
 """
 
 from __future__ import annotations

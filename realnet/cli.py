@@ -1,4 +1,4 @@
-"""The `realnet` command line: train, evaluate and run the RealNet anomaly detector."""
+"""The `realnet` command line: train, evaluate and run the RealNet anomaly detector; the end-to-end demo."""
 
 from __future__ import annotations
 
@@ -205,6 +205,24 @@ def convert_official_command(
                              card_facts=facts)
     typer.echo(f"RealNet model: {output} (load with RealNet.from_pretrained)")
 
+
+
+@app.command("demo")
+@report_input_errors
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures, models and summary.json "
+                                        "(must be empty or new, unless --overwrite).")] = Path("sia-demo"),
+    preset: Annotated[str, typer.Option("--preset", help="quick (about 5 minutes on 2 CPU cores, the README "
+                                         "pictures), tiny (about a minute, rough) or test (seconds, smoke test).")] = "quick",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every stage; the same seed gives the same run.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out folder, replacing an "
+                                             "earlier demo's files (other files are left alone).")] = False,
+) -> None:
+    """Run the whole pipeline offline on bundled hazelnut photos: train SDAS, sweep strengths, generate
+    anomalies, train RealNet, evaluate on real defects (image/pixel AUROC, PRO) and draw pictures."""
+    from .demo import run_demo
+
+    run_demo(out=out, preset=preset, seed=seed, overwrite=overwrite, echo=typer.echo)
 
 if __name__ == "__main__":  # `python -m realnet.cli ...` runs the same app as the `realnet` script
     app()

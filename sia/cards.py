@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .categories import DATASET_CATEGORIES, DATASET_ALIASES
+from .categories import DATASET_ALIASES, DATASET_CATEGORIES
 from .errors import InputError
 
 __all__ = [

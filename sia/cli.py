@@ -274,22 +274,26 @@ def convert_official_command(
         typer.echo(f"SDAS pipeline: {out} (load with SDASPipeline.from_pretrained)")
 
 
-@app.command("demo")
-@report_input_errors
-def demo_command(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the pictures, models and summary.json "
-                                        "(must be empty or new, unless --overwrite).")] = Path("sia-demo"),
-    preset: Annotated[str, typer.Option("--preset", help="quick (about 5 minutes on 2 CPU cores, the README "
-                                         "pictures), tiny (about a minute, rough) or test (seconds, smoke test).")] = "quick",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of every stage; the same seed gives the same run.")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty --out folder, replacing an "
-                                             "earlier demo's files (other files are left alone).")] = False,
-) -> None:
-    """Run the whole pipeline offline on bundled hazelnut photos: train SDAS, sweep strengths, generate
-    anomalies, train RealNet, evaluate on real defects (image/pixel AUROC, PRO) and draw pictures."""
-    from .demo import run_demo
+@app.command("demo", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo_command(ctx: typer.Context) -> None:
+    """Run `realnet demo` with the same options (see `realnet demo --help`): the whole pipeline, SDAS
+    and RealNet, offline on bundled photos."""
+    import importlib.util
+    import subprocess
+    import sys
 
-    run_demo(out=out, preset=preset, seed=seed, overwrite=overwrite, echo=typer.echo)
+    # The demo runs realnet, which sia never imports: it is started as its own process.
+    if importlib.util.find_spec("realnet") is None:
+        typer.echo("Error: sia demo runs `realnet demo`, but the realnet package is not installed "
+                   "(pip install sia installs both)", err=True)
+        raise typer.Exit(2)
+    try:
+        code = subprocess.call([sys.executable, "-m", "realnet.cli", "demo", *ctx.args])
+    except OSError as err:
+        typer.echo(f"Error: sia demo could not start `realnet demo` ({err})", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
-"""`sia demo` end to end with the `test` preset: every output exists, metrics are in [0, 1], no clobbering."""
+"""`realnet demo` end to end with the `test` preset: every output exists, metrics are in [0, 1], no clobbering;
+`sia demo` starts it as its own process."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from sia.cli import app
-from sia.demo import DEMO_OUTPUTS, DEMO_PRESETS, get_preset, portable_path, prepare_output, run_demo
+from realnet.cli import app
+from realnet.demo import (
+    DEMO_OUTPUTS,
+    DEMO_PRESETS,
+    get_preset,
+    portable_path,
+    prepare_output,
+    run_demo,
+)
 from sia.errors import InputError
 
 
@@ -81,6 +91,24 @@ def test_cli_rejects_an_unknown_preset(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "new"), "--preset", "huge"])
     assert result.exit_code == 2 and "quick" in result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_output_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile" / "demo", "afile is a file"), (tmp_path / "afile", "--out")):
+        result = CliRunner().invoke(app, ["demo", "--out", str(out), "--preset", "test"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_sia_demo_runs_realnet_demo_in_its_own_process(tmp_path):
+    """`sia demo` passes its options on to `realnet demo` (here one it refuses at once) and exits with its code."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, "-m", "sia.cli", "demo", "--out", str(tmp_path), "--preset", "test"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "not empty" in result.stderr and "--overwrite" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_overwrite_removes_only_demo_outputs(tmp_path):

@@ -333,9 +333,3 @@ def test_stage_only_checks_the_repo_id(tmp_path):
     source = _generated(tmp_path / "gen", [])
     _refused(run("push", source, "--repo-id", "no-slash", "--stage-only", tmp_path / "stage"), "ORG/NAME")
     assert not (tmp_path / "stage").exists()
-
-
-def test_demo_output_under_a_file_is_a_one_line_error(tmp_path):
-    (tmp_path / "afile").write_text("x")
-    _refused(run("demo", "--out", tmp_path / "afile" / "demo", "--preset", "test"), "--out", "afile is a file")
-    _refused(run("demo", "--out", tmp_path / "afile", "--preset", "test"), "--out")

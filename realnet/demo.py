@@ -1,4 +1,4 @@
-"""`sia demo`: the whole RealNet story on the bundled hazelnut photos, offline, on a CPU, in minutes.
+"""`realnet demo`: the whole RealNet story on the bundled hazelnut photos, offline, on a CPU, in minutes.
 
 Every stage calls the same public code a user calls, only with small settings:
 
@@ -30,11 +30,14 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
-from .foreground import EXTRA_PRESETS
-from .paths import writable_folder_path
+import sia
+from sia.errors import InputError
+from sia.foreground import EXTRA_PRESETS
+from sia.paths import writable_folder_path
 
-DEMO_DATA = Path(__file__).resolve().parent / "assets" / "hazelnut"
+# The photos ship inside `sia` (its examples and tests use them too); the demo lives in realnet
+# because it runs both packages, and realnet may import sia but never the other way round.
+DEMO_DATA = Path(sia.__file__).resolve().parent / "assets" / "hazelnut"
 DEMO_CATEGORY = "hazelnut"
 SWEEP_STRENGTHS = (0.0, 0.1, 0.2)
 SUMMARY_FILE = "summary.json"
@@ -225,7 +228,7 @@ def labelled_rows(rows: list[list[Any]], labels: list[str], tile: int, label_wid
     """One picture: a text label left of each row of equally sized tiles (PIL images or tensors)."""
     from PIL import Image, ImageDraw
 
-    from .images import to_pil_rgb
+    from sia.images import to_pil_rgb
 
     columns = max(len(r) for r in rows)
     width = label_width + columns * (tile + padding)
@@ -262,7 +265,7 @@ def side_by_side(picture, halves: int, header: int):
 
 
 def train_sdas(preset: DemoPreset, out: Path, seed: int, progress: bool) -> Path:
-    from .training import DiffusionTrainingConfig, train_diffusion
+    from sia.training import DiffusionTrainingConfig, train_diffusion
 
     config = DiffusionTrainingConfig(
         data_dir=str(DEMO_DATA), output_dir=str(out / "sdas"), categories=[DEMO_CATEGORY], preset="tiny-32",
@@ -275,7 +278,7 @@ def train_sdas(preset: DemoPreset, out: Path, seed: int, progress: bool) -> Path
 
 def strength_sweep(pipeline_dir: Path, preset: DemoPreset, out: Path, seed: int, progress: bool) -> Path:
     """The same starting noise (and step noise) at each strength: only the widened variance differs."""
-    from .pipeline import SDASPipeline
+    from sia.pipeline import SDASPipeline
 
     pipe = SDASPipeline.from_pretrained(pipeline_dir)
     pipe.set_progress_bar_config(disable=not progress, desc="strength sweep", leave=False)
@@ -291,7 +294,7 @@ def strength_sweep(pipeline_dir: Path, preset: DemoPreset, out: Path, seed: int,
 
 
 def generate_sia(pipeline_dir: Path, preset: DemoPreset, out: Path, seed: int, progress: bool) -> Path:
-    from .generate import generate_dataset
+    from sia.generate import generate_dataset
 
     summary = generate_dataset(model=pipeline_dir, output=out / "sia", categories=[DEMO_CATEGORY],
                                num_images=preset.sia_images, strength=(0.1, 0.2), seed=seed,
@@ -301,7 +304,7 @@ def generate_sia(pipeline_dir: Path, preset: DemoPreset, out: Path, seed: int, p
 
 
 def preview_synthesis(sia_dir: Path, preset: DemoPreset, out: Path, seed: int) -> Path:
-    from .preview import HEADER_HEIGHT, render_preview
+    from sia.preview import HEADER_HEIGHT, render_preview
 
     rows = preset.preview_rows
     picture = render_preview(images=DEMO_DATA / "train" / "good", source=f"sia:{sia_dir / DEMO_CATEGORY}",
@@ -313,7 +316,7 @@ def preview_synthesis(sia_dir: Path, preset: DemoPreset, out: Path, seed: int) -
 
 def train_realnet(sia_dir: Path, preset: DemoPreset, backbone: dict[str, Any], out: Path, seed: int,
                   progress: bool) -> Path:
-    from realnet.training import TrainingConfig, train
+    from .training import TrainingConfig, train
 
     model_kwargs = dict(preset.realnet_model)
     if not backbone["pretrained"]:
@@ -332,9 +335,9 @@ def evaluate_realnet(model_dir: Path, preset: DemoPreset, out: Path, progress: b
     """Metrics and per-image overlays via `realnet.evaluation.evaluate`, plus one README-sized grid."""
     import numpy as np
 
-    from realnet.data import load_split
-    from realnet.evaluation import evaluate, load_model, load_thresholds, predict_split
-    from realnet.visualize import make_grid, overlay
+    from .data import load_split
+    from .evaluation import evaluate, load_model, load_thresholds, predict_split
+    from .visualize import make_grid, overlay
 
     results = evaluate(model_dir, data=DEMO_DATA, dataset="folder", out=out / "evaluation", progress=progress)
     metrics = next(iter(results.values()))
@@ -381,7 +384,7 @@ def run_demo(out: str | Path = "sia-demo", preset: str | DemoPreset = DEFAULT_PR
     if not (DEMO_DATA / "train" / "good").is_dir():
         raise InputError(f"bundled demo images missing at {DEMO_DATA} (reinstall the package)")
     backbone = backbone_choice()
-    echo(f"sia demo ({chosen.name}: {chosen.description}) -> {out}")
+    echo(f"realnet demo ({chosen.name}: {chosen.description}) -> {out}")
     echo(f"backbone: {backbone['note']}")
 
     clock = StageClock(6, echo)
