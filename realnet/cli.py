@@ -49,7 +49,7 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed of data order, synthetic anomalies and initialisation.")] = 100,
     mixed_precision: Annotated[str, typer.Option(help="'no', 'fp16' (CUDA) or 'bf16'.")] = "no",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --output from its latest checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Delete a previous run in --output and start again.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete what a previous run in --output recorded writing (your own files there stay) and start again.")] = False,
     afs_batches: Annotated[int, typer.Option(help="Batches of 100% synthetic anomalies used once by AFS to choose channels (paper: 64).")] = 64,
     validation_fraction: Annotated[float, typer.Option(help="Share of training images held out for validation and threshold calibration (never trained on).")] = 0.15,
     validate_every: Annotated[int, typer.Option(help="Validate on held-out images + fixed synthetic anomalies every N iterations (0: only as needed by --select).")] = 0,

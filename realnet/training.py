@@ -24,7 +24,9 @@ process. A run resumes only with the number of processes it was started with.
 
 Output folder: ``model/`` (``RealNet.save_pretrained`` + ``thresholds.json``), ``config.json`` (the
 run's settings and status), ``train_log.jsonl`` (losses and validation), ``checkpoints/`` (the
-checkpoints of ``sia.runs``: safetensors and JSON only, so resuming never unpickles anything).
+checkpoints of ``sia.runs``: safetensors and JSON only, so resuming never unpickles anything),
+``best/`` (with ``select="best"``) and ``.run-outputs.json``: those entries, recorded before any is
+written, which are all that ``overwrite=True`` deletes (the user's own files there stay).
 
 The loop is :func:`train`, top to bottom; the data (``training_data``, ``batching``), the clean-feature
 cache, validation, threshold calibration and the model card live in their own modules.
@@ -49,8 +51,9 @@ from tqdm.auto import tqdm
 from sia import runs
 from sia.errors import InputError
 from sia.paths import separate_output
-from sia.runs import (CHECKPOINT_DIR, RunLayout, append_jsonl, atomic_folder, check_mixed_precision, load_checkpoint,
-                      make_accelerator, open_run_folder, resumable_checkpoint, save_checkpoint, trim_log,
+from sia.runs import (CHECKPOINT_DIR, RunLayout, append_jsonl, atomic_folder, check_mixed_precision,
+                      check_unrecorded_outputs, clear_recorded_outputs, load_checkpoint, make_accelerator,
+                      open_run_folder, record_run_outputs, resumable_checkpoint, save_checkpoint, trim_log,
                       write_json_atomic)
 
 from .batching import BalancedBatchSampler, EpochBatchSampler, collate, seeded_batches
@@ -71,8 +74,9 @@ TRAIN_LOG = "train_log.jsonl"
 MODEL_DIR = "model"
 THRESHOLDS_FILE = "thresholds.json"
 CHECKPOINTS_KEPT = 2
-RUN_LAYOUT = RunLayout(record=RUN_CONFIG, outputs=(MODEL_DIR, CHECKPOINT_DIR, "best", TRAIN_LOG, RUN_CONFIG),
-                       results=(MODEL_DIR, CHECKPOINT_DIR, "best"))
+BEST_DIR = "best"
+RUN_LAYOUT = RunLayout(record=RUN_CONFIG, outputs=(MODEL_DIR, CHECKPOINT_DIR, BEST_DIR, TRAIN_LOG, RUN_CONFIG),
+                       results=(MODEL_DIR, CHECKPOINT_DIR, BEST_DIR))
 
 EvaluateCallback = Callable[[nn.Module, int], Optional[dict]]
 
@@ -242,11 +246,22 @@ def _resolve_recipe(config: TrainingConfig) -> Recipe:
     return recipe
 
 
+def planned_outputs(config: TrainingConfig) -> list[str]:
+    """The entries a run writes at the top of its output folder, given its settings."""
+    planned = [RUN_CONFIG, TRAIN_LOG, MODEL_DIR]
+    if config.checkpoint_every:
+        planned.append(CHECKPOINT_DIR)
+    if config.select == "best":
+        planned.append(BEST_DIR)
+    return planned
+
+
 def _prepare_output(config: TrainingConfig) -> TrainingConfig:
     """Refuse to clobber results; on resume, continue with the settings stored in the folder."""
     output = Path(config.output)
     stored = open_run_folder(output, RUN_LAYOUT, resume=config.resume, overwrite=config.overwrite, inputs=[config.data])
     if stored is None:
+        check_unrecorded_outputs(output, planned_outputs(config))
         return config
     if stored.get("status") == "finished":
         raise InputError(f"--output {output}: this run already finished; pass --overwrite to train again")
@@ -276,12 +291,15 @@ def _run_record(config: TrainingConfig, recipe: Recipe, status: str, total: int,
 
 
 def _start_run_folder(config: TrainingConfig, recipe: Recipe, accelerator, total: int) -> None:
-    """Clear an overwritten (or never checkpointed) run, then record this one as running."""
+    """Clear an overwritten (or never checkpointed) run, only what it recorded writing, then record
+    what this one will write and mark it as running."""
     output = Path(config.output)
     if accelerator.is_main_process:
         if not config.resume:
-            RUN_LAYOUT.clear(output)
+            clear_recorded_outputs(output)
         output.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            record_run_outputs(output, planned_outputs(config), "realnet train")
         write_json_atomic(output / RUN_CONFIG, _run_record(config, recipe, "running", total, accelerator.num_processes))
     accelerator.wait_for_everyone()
 
@@ -497,7 +515,7 @@ def _validate_and_evaluate(run: _Run, validate: bool, evaluate: Optional[Evaluat
             if run.config.select == "best" and record["val_score"] >= run.progress.best_score:
                 run.progress.best_score, run.progress.best_iteration = record["val_score"], it
                 if main:
-                    _save_model_atomically(unwrapped, run.output / "best")
+                    _save_model_atomically(unwrapped, run.output / BEST_DIR)
         if evaluate is not None and main:
             record.update(evaluate(unwrapped, it) or {})
     run.model.train()
@@ -510,7 +528,7 @@ def _finish(run: _Run) -> Path:
     model_dir = run.output / MODEL_DIR
     if accelerator.is_main_process:
         with _weights_to_save(unwrapped, run.ema):
-            best_dir = run.output / "best"
+            best_dir = run.output / BEST_DIR
             if config.select == "best" and best_dir.is_dir():
                 final = type(unwrapped).from_pretrained(str(best_dir)).to(accelerator.device)
             else:

@@ -34,6 +34,9 @@ from .errors import InputError, read_json_object
 from .paths import separate_output, writable_folder_path
 
 CHECKPOINT_DIR = "checkpoints"
+# In a run folder: the top-level entries the run writes, recorded before it writes them, so that
+# `--overwrite` deletes those and nothing the user put next to them.
+RUN_OUTPUTS = ".run-outputs.json"
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
@@ -165,8 +168,9 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
 
     Returns the stored run record when resuming, else None. Refuses (one-line InputError) to
     resume where there is no run, and to start over a run that holds results unless `overwrite`.
-    Nothing is deleted here: a new run calls `layout.clear(folder)` once its inputs are checked
-    (that removes an overwritten run, or one that stopped before its first checkpoint). An output
+    Nothing is deleted here: a new run calls `layout.clear(folder)`, or `clear_recorded_outputs`
+    when it records its outputs, once its inputs are checked (that removes an overwritten run, or
+    one that stopped before its first checkpoint). An output
     that equals, contains or lies inside one of `inputs` is refused, so clearing never deletes data.
     """
     folder = writable_folder_path(folder, "--output")
@@ -189,6 +193,60 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
         raise InputError(f"--output {folder}: already holds a {status} training run ({', '.join(present)}); pass {hint}")
     raise InputError(f"--output {folder}: holds {', '.join(present)} but no {layout.record} (not a training run "
                      "folder); pass --overwrite or choose another folder")
+
+
+def _recorded_names(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v and "\\" not in v for v in value)
+
+
+def recorded_outputs(folder: str | Path) -> list[str]:
+    """The top-level files and folders the last run recorded writing in `folder` (none without a record).
+
+    Entries must be plain names in `folder`: an edited record can never point `--overwrite` elsewhere.
+    """
+    path = Path(folder) / RUN_OUTPUTS
+    if not path.is_file():
+        return []
+    entries = read_json_object(path, "list of a run's outputs").get("entries")
+    if not _recorded_names(entries):
+        raise InputError(f"{path}: entries must be a list of names in the run folder; fix it, or delete it "
+                         "and the earlier run's files")
+    return entries
+
+
+def check_unrecorded_outputs(folder: str | Path, planned: Iterable[str], parameter: str = "--output") -> None:
+    """Refuse a run that would write over an entry of `folder` no earlier run recorded writing
+    (the user's own file or folder), before anything is deleted or written."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    ours = set(recorded_outputs(folder))
+    foreign = [name for name in planned if name not in ours and os.path.lexists(folder / name)]
+    if foreign:
+        raise InputError(f"{parameter} {folder}: would replace {', '.join(foreign)}, which no recorded training "
+                         f"run wrote there (your own files, or a run from before runs kept {RUN_OUTPUTS}); "
+                         "move them or choose another folder")
+
+
+def clear_recorded_outputs(folder: str | Path) -> None:
+    """Delete what the last run recorded writing in `folder` (a file the user added there stays)."""
+    folder = Path(folder)
+    for name in recorded_outputs(folder):
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    (folder / RUN_OUTPUTS).unlink(missing_ok=True)
+
+
+def record_run_outputs(folder: str | Path, planned: Iterable[str], command: str) -> None:
+    """Record, before writing any of them, the top-level entries a new run will write in `folder`."""
+    entries = sorted(set(planned))
+    if not _recorded_names(entries):
+        raise ValueError(f"run outputs must be plain names, got {entries!r}")
+    write_json_atomic(Path(folder) / RUN_OUTPUTS, {"version": 1, "written_by": command, "entries": entries})
 
 
 def _status(record: Path) -> str:
@@ -518,8 +576,10 @@ class ExponentialMovingAverage:
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "CHECKPOINT_PREFIX", "MIXED_PRECISION_MODES", "TRAINER_STATE", "ExponentialMovingAverage",
-    "RunLayout", "append_jsonl", "atomic_folder", "atomic_path", "check_mixed_precision", "checkpoint_step",
-    "complete_checkpoints", "latest_checkpoint", "load_checkpoint", "load_state", "make_accelerator",
-    "open_run_folder", "read_json_object", "resumable_checkpoint", "save_checkpoint", "save_state", "trim_log", "write_json_atomic",
+    "CHECKPOINT_DIR", "CHECKPOINT_PREFIX", "MIXED_PRECISION_MODES", "RUN_OUTPUTS", "TRAINER_STATE",
+    "ExponentialMovingAverage", "RunLayout", "append_jsonl", "atomic_folder", "atomic_path", "check_mixed_precision",
+    "check_unrecorded_outputs", "checkpoint_step", "clear_recorded_outputs", "complete_checkpoints",
+    "latest_checkpoint", "load_checkpoint", "load_state", "make_accelerator", "open_run_folder", "read_json_object",
+    "record_run_outputs", "recorded_outputs", "resumable_checkpoint", "save_checkpoint", "save_state", "trim_log",
+    "write_json_atomic",
 ]

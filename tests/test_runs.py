@@ -159,6 +159,33 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_taken_over(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # only what the layout names is deleted
 
 
+def test_overwrite_deletes_only_the_recorded_outputs(tmp_path: Path):
+    runs.record_run_outputs(tmp_path, ["model", "config.json", "model"], "a trainer")
+    assert runs.recorded_outputs(tmp_path) == ["config.json", "model"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_text("w")
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("the user's")
+    (tmp_path / "checkpoints").mkdir()
+    runs.check_unrecorded_outputs(tmp_path, ["model", "config.json", "train_log.jsonl"])  # absent or recorded
+    with pytest.raises(InputError, match="--output .*would replace checkpoints, which no recorded"):
+        runs.check_unrecorded_outputs(tmp_path, ["model", "checkpoints"])
+    runs.clear_recorded_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.txt"]
+    runs.clear_recorded_outputs(tmp_path)  # nothing recorded: nothing deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+@pytest.mark.parametrize("entries", [["../outside"], ["a/b"], [".."], "model", [1], None])
+def test_an_edited_output_record_cannot_point_elsewhere(tmp_path: Path, entries):
+    (tmp_path / runs.RUN_OUTPUTS).write_text(json.dumps({"version": 1, "entries": entries}))
+    with pytest.raises(InputError, match="entries must be a list of names") as info:
+        runs.clear_recorded_outputs(tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError):
+        runs.record_run_outputs(tmp_path, ["../outside"], "a trainer")
+
+
 def test_one_mixed_precision_rule():
     runs.check_mixed_precision("bf16", cpu=True)
     runs.check_mixed_precision("fp16", cpu=False)

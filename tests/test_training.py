@@ -275,6 +275,35 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
 
 
+def test_overwrite_deletes_only_what_the_run_recorded_writing(data_root, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    def fresh() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    out = tmp_path / "run"
+    train(tiny_config(data_root, out, iterations=3, checkpoint_every=2))
+    recorded = json.loads((out / ".run-outputs.json").read_text())
+    assert recorded["entries"] == sorted(["checkpoints", "config.json", "model", "train_log.jsonl"])
+    (out / "notes.txt").write_text("the user's notes")
+    (out / "best").mkdir()  # the layout's name, but this run (select="last") never wrote it
+    (out / "best" / "mine.txt").write_text("the user's own best/")
+
+    fresh()
+    train(tiny_config(data_root, out, iterations=3, checkpoint_every=0, overwrite=True))
+    assert (out / "notes.txt").read_text() == "the user's notes"
+    assert (out / "best" / "mine.txt").read_text() == "the user's own best/"
+    assert not (out / "checkpoints").exists()  # the first run's, deleted; this run writes none
+    assert json.loads((out / ".run-outputs.json").read_text())["entries"] == ["config.json", "model", "train_log.jsonl"]
+
+    fresh()  # a run that would write into the user's best/ is refused before anything is deleted
+    with pytest.raises(InputError, match="would replace best, which no recorded training run wrote") as info:
+        train(tiny_config(data_root, out, iterations=3, select="best", overwrite=True))
+    assert "\n" not in str(info.value)
+    assert (out / "model" / "model.safetensors").is_file() and (out / "best" / "mine.txt").is_file()
+
+
 def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch):
     original_load = realnet_data.load_split
 
