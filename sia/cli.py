@@ -293,6 +293,8 @@ def demo_command(ctx: typer.Context) -> None:
     except OSError as err:
         typer.echo(f"Error: sia demo could not start `realnet demo` ({err})", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # the demo got the same Ctrl-C and has stopped
+        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 
