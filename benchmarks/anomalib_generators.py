@@ -21,6 +21,7 @@ gathers them (mean ± sd over seeds) into ``benchmarks/out/anomalib_generators.{
 
     OMP_NUM_THREADS=1 python benchmarks/anomalib_generators.py --image-size 128 --steps 300 --seeds 0,1
     OMP_NUM_THREADS=1 python benchmarks/anomalib_generators.py --data hazelnut_toy --arms sia-dtd,anomalib-perlin-dtd
+    python benchmarks/anomalib_generators.py --mask-stats --image-size 64   # what each generator produces
     python benchmarks/anomalib_generators.py --report
 """
 
@@ -180,6 +181,49 @@ def run(name: str, arm: str, seed: int, args) -> dict:
     }
 
 
+def generator_of(arm: str, name: str, seed: int, sia_folder: str | None):
+    """The anomaly generator an arm's DRAEM trains with (DRAEM's own construction for the stock arm)."""
+    from anomalib.data.utils.generators import PerlinAnomalyGenerator
+
+    from sia.anomalib import SiaAnomalyGenerator
+
+    foreground = DATASETS[name][2]
+    if arm == "anomalib-perlin-dtd":
+        return PerlinAnomalyGenerator(anomaly_source_path=str(DTD), blend_factor=(0.1, 1.0))  # Draem's default beta
+    source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-cutpaste": "cutpaste",
+              "sia-folder": f"sia:{sia_folder}"}[arm]
+    return SiaAnomalyGenerator(source, category="none" if arm == "sia-dtd-whole" else foreground, seed=seed)
+
+
+def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | None, draws: int = 8) -> list[dict]:
+    """What each generator hands DRAEM: how often an image is anomalous, how much of it, how strongly."""
+    from realnet.data import load_split
+
+    root, layout, _ = DATASETS[name]
+    train = load_split(root, dataset=layout, split="train", image_size=size)
+    images = torch.stack([train[i]["image"] for i in range(min(len(train), 16))])
+    rows = []
+    for arm in arms:
+        torch.manual_seed(0)
+        generator = generator_of(arm, name, 0, sia_folder)
+        anomalous, areas, changes = 0, [], []
+        for _ in range(draws):
+            out, masks = generator(images)
+            for image, result, mask in zip(images, out, masks[:, 0], strict=True):
+                if mask.sum() > 0:
+                    anomalous += 1
+                    areas.append(float(mask.mean()))
+                    changes.append(float((result - image).abs().mean(0)[mask > 0.5].mean()))
+        rows.append({"data": name, "arm": arm, "image_size": size, "anomalous_fraction": anomalous / (draws * len(images)),
+                     "mean_area": float(np.mean(areas)) if areas else 0.0,
+                     "mean_change_inside": float(np.mean(changes)) if changes else 0.0})
+    test = load_split(root, dataset=layout, split="test", image_size=size)
+    masks = [m for m in (test[i]["mask"] for i in range(len(test))) if m.sum() > 0]
+    rows.append({"data": name, "arm": "real test defects", "image_size": size, "anomalous_fraction": None,
+                 "mean_area": float(np.mean([float(m.mean()) for m in masks])), "mean_change_inside": None})
+    return rows
+
+
 def environment() -> dict:
     import anomalib
     import lightning
@@ -215,14 +259,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def statistics_markdown(rows: list[dict]) -> str:
+    lines = ["| data | generator | anomalous images | mean anomalous area | mean abs change inside |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if r[k] is not None else "-" for k in ("anomalous_fraction", "mean_area", "mean_change_inside")]
+        lines.append(f"| {r['data']} | {r['arm']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def report() -> None:
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
     if not runs:
         raise SystemExit(f"no runs in {RUNS}")
     rows = aggregate(runs)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "anomalib_generators.json").write_text(json.dumps({"environment": environment(), "rows": rows, "runs": runs}, indent=2))
-    table = markdown(rows)
+    stats_path = OUT / "anomalib_generators_masks.json"
+    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else []
+    (OUT / "anomalib_generators.json").write_text(json.dumps(
+        {"environment": environment(), "rows": rows, "runs": runs, "mask_statistics": stats}, indent=2))
+    table = markdown(rows) + ("\n\n" + statistics_markdown(stats) if stats else "")
     (OUT / "anomalib_generators.md").write_text(table + "\n")
     print(table)
 
@@ -238,6 +293,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only gather finished runs into the table")
+    parser.add_argument("--mask-stats", action="store_true",
+                        help="only measure what each generator produces (anomalous share, area, change) on the training images")
     args = parser.parse_args()
     if args.report:
         report()
@@ -245,6 +302,13 @@ def main() -> None:
     arms = args.arms or [a for a in ARMS if a != "sia-folder" or args.sia_folder]
     if "sia-folder" in arms and not args.sia_folder:
         parser.error("--arms sia-folder: needs --sia-folder DIR")
+    if args.mask_stats:
+        torch.set_num_threads(args.threads)
+        stats = [row for name in args.data for row in mask_statistics(name, args.image_size, arms, args.sia_folder)]
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "anomalib_generators_masks.json").write_text(json.dumps(stats, indent=2))
+        print(statistics_markdown(stats))
+        return
     torch.set_num_threads(args.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
     for name in args.data:
