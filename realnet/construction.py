@@ -40,7 +40,7 @@ def check_model_kwargs(kwargs: dict) -> None:
     """Unknown ``--model-option`` keys are an InputError listing the RealNet settings."""
     from .model import RealNet
 
-    known = set(inspect.signature(RealNet.__init__).parameters) - {"self"}
+    known = set(inspect.signature(RealNet.__init__).parameters) - {"self", "weights_from_checkpoint"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise InputError(f"--model-option {', '.join(unknown)}: unknown RealNet setting; known: {', '.join(sorted(known))}")

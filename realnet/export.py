@@ -218,7 +218,7 @@ def export_model(
     size = check_stride(size, model_stride(net), "image_size", "the model's backbone")  # a graph has one fixed size
     calibration = load_calibration_images(calibration_images, size) if precision == "int8" else None
     graph = InferenceGraph(copy.deepcopy(net).float().cpu().eval()).eval()
-    config = getattr(net, "_hub_mixin_config", None)
+    config = getattr(net, "config", None)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = folder.parent / f".{folder.name}.export-{os.getpid()}.tmp"

@@ -2,51 +2,38 @@
 
 `RealNet` is a plain `nn.Module` with Hugging Face Hub save/load (`PyTorchModelHubMixin`). Its
 config is a handful of JSON-able keyword arguments; the saved `model.safetensors` holds everything,
-frozen backbone included, so a saved model runs offline without timm/Hub weight downloads.
+frozen backbone included, so a saved model runs offline without timm/Hub weight downloads
+(loading is `realnet.hub`).
 """
 
 from __future__ import annotations
 
-import contextvars
+import copy
 import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
-from sia.errors import InputError, read_json_object
+from sia.errors import InputError
 
+from . import hub
 from .afs import DEFAULT_AFS_BATCHES, FeatureSelector, accumulate_channel_losses, select_channels
 from .backbone import DEFAULT_BACKBONE, DEFAULT_LAYERS, Backbone, FeatureStandardizer
 from .discriminator import Discriminator, anomaly_probability, image_scores
+from .hub import WEIGHTS_NAME, load_weights_file  # noqa: F401 - importable from here, as before
 from .recon import ReconstructionNetworks
 from .rrs import OFFICIAL_BN_MOMENTUM, ResidualSelection, clamp_top_k, default_top_k
 
 REPO_URL = "https://github.com/sia-realnet/sia"
 OFFICIAL_AFS_CHANNELS = (256, 512, 512, 256)
 IMAGE_SCORE_MODES = ("pool16", "max")
-WEIGHTS_NAME = "model.safetensors"
-# What the Hub client raises for a repo, revision or file it cannot get (offline: not cached).
-_HUB_ERRORS = (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled)
-
-# Set while `from_pretrained` builds a model whose weights come from the checkpoint, so that the
-# backbone is created without downloading or reading any other weights.
-_BUILDING_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("realnet_from_ckpt", default=False)
 
 
 def default_afs_channels(channels: Sequence[int]) -> list[int]:
@@ -125,6 +112,9 @@ class RealNet(
         backbone_pretrained: download timm/Hub ImageNet weights on construction.
         backbone_weights: local weights file for the backbone (safetensors or torch weights-only;
             EfficientNet-PyTorch keys are converted automatically). Overrides `backbone_pretrained`.
+        weights_from_checkpoint: every weight will be loaded from a saved checkpoint (as
+            `from_pretrained` does), so the backbone is built empty: nothing is downloaded and
+            `backbone_weights` is not read. Not a model setting: config.json never records it.
     """
 
     def __init__(
@@ -145,6 +135,8 @@ class RealNet(
         backbone_pretrained: bool = True,
         backbone_weights: str | None = None,
         recon_norm_groups: str = "adaptive",
+        *,
+        weights_from_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if image_score not in IMAGE_SCORE_MODES:
@@ -154,12 +146,11 @@ class RealNet(
         if rrs_bn_momentum is not None and not 0 < rrs_bn_momentum <= 1:
             raise InputError(f"rrs_bn_momentum: expected a value in (0, 1] or None, got {rrs_bn_momentum}")
         layers = list(layers) if layers is not None else list(DEFAULT_LAYERS)
-        from_checkpoint = _BUILDING_FROM_CHECKPOINT.get()
         self.backbone = Backbone(
             backbone,
             layers,
-            pretrained=backbone_pretrained and not from_checkpoint,
-            weights=None if from_checkpoint else backbone_weights,
+            pretrained=backbone_pretrained and not weights_from_checkpoint,
+            weights=None if weights_from_checkpoint else backbone_weights,
         )
         channels = self.backbone.channels
         afs_channels = list(afs_channels) if afs_channels is not None else default_afs_channels(channels)
@@ -186,18 +177,25 @@ class RealNet(
         self.layers = layers
         self.afs_channels = afs_channels
         self.rrs_top_k = list(top_k)
-        # Record resolved values so config.json documents the network actually built; the weights
-        # file path is dropped because the weights themselves are saved in model.safetensors.
-        if isinstance(getattr(self, "_hub_mixin_config", None), dict):
-            self._hub_mixin_config.update(
-                layers=layers,
-                afs_channels=afs_channels,
-                rrs_top_k=list(top_k),
-                image_size=self.image_size,
-                recon_channel_mult=channel_mult,
-                recon_attention_mult=attention_mult,
-                backbone_weights=None,
-            )
+        # The resolved values, so config.json documents the network actually built.
+        self._config: dict[str, Any] = {
+            "backbone": backbone,
+            "layers": list(layers),
+            "afs_channels": list(afs_channels),
+            "rrs_top_k": list(top_k),
+            "image_size": list(self.image_size),
+            "image_score": image_score,
+            "standardize_features": standardize_features,
+            "rrs_bn_momentum": rrs_bn_momentum,
+            "recon_width_ratio": recon_width_ratio,
+            "recon_channel_mult": channel_mult,
+            "recon_num_res_blocks": recon_num_res_blocks,
+            "recon_attention_mult": attention_mult,
+            "discriminator_residual_layers": discriminator_residual_layers,
+            "backbone_pretrained": backbone_pretrained,
+            "backbone_weights": None,
+            "recon_norm_groups": recon_norm_groups,
+        }
 
     # ------------------------------------------------------------------ state
     @property
@@ -371,7 +369,21 @@ class RealNet(
             self.train(was_training)
         return RealNetPrediction(anomaly_map=torch.cat(maps), image_score=torch.cat(scores))
 
-    # ------------------------------------------------------------------ hub loading
+    # ------------------------------------------------------------------ hub saving and loading
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings this network was built with, resolved (channels, sizes), as saved in config.json.
+
+        `backbone_weights` is None: the backbone's weights are saved in model.safetensors, so a
+        saved model never needs the file it was first built from.
+        """
+        return copy.deepcopy(self._config)
+
+    def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, **kwargs: Any) -> str | None:
+        """Save config.json (`config`, default `self.config`), model.safetensors and a model card
+        (`PyTorchModelHubMixin.save_pretrained` arguments)."""
+        return super().save_pretrained(save_directory, config=self.config if config is None else config, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> RealNet:
         """Load from a model folder or a Hub repo id (`PyTorchModelHubMixin.from_pretrained` arguments).
@@ -380,13 +392,9 @@ class RealNet(
         found (offline: not in the cache) is a one-line InputError naming it, not a Hub traceback.
         """
         name = str(pretrained_model_name_or_path)
-        _check_model_location(name)
-        if os.path.isdir(name):
-            _check_config_file(os.path.join(name, "config.json"))
-        try:
+        hub.check_location(name)
+        with hub.hub_errors_as_input_errors(name, kwargs.get("revision"), hub.CONFIG_NAME):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except _HUB_ERRORS as err:
-            raise _hub_input_error(name, kwargs.get("revision"), "config.json", err) from None
 
     @classmethod
     def _from_pretrained(
@@ -403,124 +411,18 @@ class RealNet(
         config: dict | None = None,
         **model_kwargs,
     ) -> RealNet:
-        """Build from config.json and load model.safetensors strictly; never unpickles, never downloads backbone weights.
-
-        The weights are resolved before the config is checked: the mixin swallows Hub errors on
-        config.json, so a missing repo would otherwise be reported as a missing config.
-        """
-        if os.path.isdir(model_id):
-            weights_file = os.path.join(model_id, WEIGHTS_NAME)
-            if not os.path.isfile(weights_file):
-                raise InputError(f"pretrained_model_name_or_path: {model_id!r} has no {WEIGHTS_NAME}")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                weights_file = hf_hub_download(
-                    repo_id=model_id,
-                    filename=WEIGHTS_NAME,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    force_download=force_download,
-                    token=token,
-                    local_files_only=local_files_only,
-                )
-            except _HUB_ERRORS as err:
-                raise _hub_input_error(model_id, revision, WEIGHTS_NAME, err) from None
-        if config is None:
-            raise InputError(f"pretrained_model_name_or_path: no config.json found for {model_id!r}")
-        marker = _BUILDING_FROM_CHECKPOINT.set(True)
-        try:
-            model = cls(**model_kwargs)
-        except (InputError, TypeError, ValueError) as err:  # a config.json edited by hand or for another model
-            where = os.path.join(model_id, "config.json") if os.path.isdir(model_id) else f"{model_id!r} config.json"
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise InputError(f"{where}: not a valid RealNet config ({first})") from None
-        finally:
-            _BUILDING_FROM_CHECKPOINT.reset(marker)
-        load_weights_file(model, weights_file, strict=strict)
-        model.selector.check_indices(model.selector.indices(), source=f"{weights_file}: AFS indices")
-        if strict and not model.afs_ready:
-            raise InputError(
-                f"{weights_file}: the model was saved before feature selection (AFS), so its channels are "
-                "placeholders; run select_features (training does) before save_pretrained"
-            )
-        model.to(map_location)
-        model.eval()
-        return model
-
-
-def _check_model_location(name: str) -> None:
-    """Refuse early what is neither an existing model folder nor a syntactically valid Hub repo id."""
-    if os.path.isdir(name):
-        return
-    what = "pretrained_model_name_or_path"
-    if os.path.exists(name):
-        raise InputError(
-            f"{what}: {name!r} is a file; expected a model folder (config.json + {WEIGHTS_NAME}) or a Hub repo id"
+        """The mixin's loading hook: `realnet.hub.load_checkpoint` (strict safetensors, never unpickles,
+        never downloads backbone weights)."""
+        return hub.load_checkpoint(
+            cls,
+            model_id=model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            map_location=map_location,
+            strict=strict,
+            config=config,
+            settings=model_kwargs,
         )
-    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
-        raise InputError(f"{what}: the folder {name!r} does not exist")
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise InputError(
-            f"{what}: {name!r} is neither an existing folder nor a valid Hub repo id ('name' or 'owner/name')"
-        ) from None
-
-
-def _check_config_file(path: str) -> None:
-    """A local config.json must be a JSON object; the mixin would fail on anything else with a
-    traceback that does not name the file."""
-    if os.path.isfile(path):  # a missing one is reported further on
-        read_json_object(path, "RealNet config")
-
-
-def _hub_input_error(model_id: str, revision: str | None, filename: str, err: BaseException) -> InputError:
-    """One line saying which of repo, revision or file could not be had, instead of a Hub traceback."""
-    where = f"pretrained_model_name_or_path: {model_id!r}"
-    if isinstance(err, RepositoryNotFoundError):
-        return InputError(f"{where}: no such Hub repo, or it is private/gated (log in or pass token=)")
-    if isinstance(err, RevisionNotFoundError):
-        return InputError(f"{where}: revision {revision!r} not found on the Hub")
-    if isinstance(err, LocalEntryNotFoundError):
-        return InputError(
-            f"{where}: {filename} is not in the local Hub cache and the Hub cannot be reached "
-            "(offline, or no such repo/revision); no local folder has that name either"
-        )
-    if isinstance(err, EntryNotFoundError):
-        return InputError(f"{where}: the repo has no {filename}")
-    if isinstance(err, HFValidationError):
-        return InputError(f"{where}: invalid Hub argument ({str(err).strip().splitlines()[0]})")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return InputError(f"{where}: cannot get {filename} from the Hub ({first})")
-
-
-def load_weights_file(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load a safetensors state dict, reporting missing/unexpected/mis-shaped keys on one line."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path}: not a readable safetensors weights file ({first})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-
-    def listing(keys: list[str]) -> str:
-        return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
-    problems = []
-    if wrong_shape:
-        problems.append(f"shape mismatch: {listing(wrong_shape)}")
-    if strict and missing:
-        problems.append(f"missing keys: {listing(missing)}")
-    if strict and unexpected:
-        problems.append(f"unexpected keys: {listing(unexpected)}")
-    if problems:
-        raise InputError(f"{path}: checkpoint does not match the model config ({'; '.join(problems)})")
-    model.load_state_dict(state, strict=strict)
