@@ -110,25 +110,26 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
-@torch.no_grad()
 def predict_split(model, split, batch_size: int = 16, progress: bool = True, desc: str = "eval") -> dict[str, Any]:
     """Run the model over a test split: maps (N,H,W), scores (N,), masks (N,H,W), labels, images, paths."""
-    device = next(model.parameters()).device
+    from .inference import predict_batches
+
     loader = DataLoader(split, batch_size=batch_size, shuffle=False, collate_fn=_collate)
-    maps, scores, masks, labels, images, paths = [], [], [], [], [], []
-    for batch in tqdm(loader, desc=desc, disable=not progress):
-        output = model(batch["image"].to(device))
-        maps.append(output.anomaly_map[:, 0].float().cpu())
-        scores.append(output.image_score.float().cpu())
-        masks.append(batch["mask"][:, 0].float())
-        labels.append(torch.as_tensor(batch["label"]).reshape(-1))
-        images.append(batch["image"])
-        paths.extend(str(p) for p in batch.get("path", [""] * len(batch["image"])))
-    if not maps:
-        raise InputError("test split: no images")
+    masks, labels, images, paths = [], [], [], []
+
+    def batch_images():
+        """The images of each batch, keeping its masks, labels, images and paths on the way."""
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            masks.append(batch["mask"][:, 0].float())
+            labels.append(torch.as_tensor(batch["label"]).reshape(-1))
+            images.append(batch["image"])
+            paths.extend(str(p) for p in batch.get("path", [""] * len(batch["image"])))
+            yield batch["image"]
+
+    prediction = predict_batches(model, batch_images(), what="test split")
     return {
-        "maps": torch.cat(maps).numpy(),
-        "scores": torch.cat(scores).numpy(),
+        "maps": prediction.anomaly_map[:, 0].numpy(),
+        "scores": prediction.image_score.numpy(),
         "masks": torch.cat(masks).numpy(),
         "labels": torch.cat(labels).numpy(),
         "images": torch.cat(images),

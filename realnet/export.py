@@ -43,6 +43,7 @@ from .deploy import (
     is_export_folder,
 )
 from .image_size import check_stride, model_stride, parse_image_size, trained_size
+from .inference import predict_batches
 from .quantize import check_precision, load_calibration_images, quantize_openvino_graph
 
 DEFAULT_OPSET = 17
@@ -162,8 +163,10 @@ def _verify(graph: InferenceGraph, folder: Path, size: tuple[int, int], batch: i
     smooth = np.stack([np.stack([ys, xs, (ys + xs) / 2]) * (0.5 + 0.5 * i / count) for i in range(count)])
     images = np.concatenate([noise, smooth.astype(np.float32)])
     deployed = ExportedRealNet(folder)(images)
-    with torch.no_grad():
-        eager = [t.numpy() for t in graph(torch.from_numpy(images))]
+    indices: list[torch.Tensor] = []
+    prediction = predict_batches(graph.model, torch.from_numpy(images), batch_size=len(images), dtype=None,
+                                 on_batch=lambda output: indices.append(output.rrs_indices))
+    eager = [prediction.anomaly_map.numpy(), prediction.image_score.numpy(), torch.cat(indices).numpy()]
     report = {
         "images": int(images.shape[0]),
         "max_abs_anomaly_map": float(np.abs(deployed.anomaly_map - eager[0]).max()),

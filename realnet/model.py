@@ -28,6 +28,7 @@ from .afs import DEFAULT_AFS_BATCHES, FeatureSelector, accumulate_channel_losses
 from .backbone import DEFAULT_BACKBONE, DEFAULT_LAYERS, Backbone, FeatureStandardizer
 from .discriminator import Discriminator, anomaly_probability, image_scores
 from .hub import WEIGHTS_NAME, load_weights_file  # noqa: F401 - importable from here, as before
+from .inference import RealNetPrediction, predict_batches
 from .recon import ReconstructionNetworks
 from .rrs import OFFICIAL_BN_MOMENTUM, ResidualSelection, clamp_top_k, default_top_k
 
@@ -73,12 +74,6 @@ class RealNetOutput:
     residuals: list[torch.Tensor]  # (features - reconstructions) ** 2
     clean_features: list[torch.Tensor] | None  # selected features of `clean_images` (reconstruction targets)
     rrs_indices: torch.Tensor | None = None  # (B, k_max + k_mean) channels chosen by RRS
-
-
-@dataclass
-class RealNetPrediction:
-    anomaly_map: torch.Tensor  # (B,1,H,W) on CPU
-    image_score: torch.Tensor  # (B,) on CPU
 
 
 class RealNet(
@@ -357,17 +352,7 @@ class RealNet(
         images = self._check_images(images, "images")
         if resize and list(images.shape[-2:]) != size:
             images = F.interpolate(images, size=tuple(size), mode="bilinear", antialias=True).clamp(0, 1)
-        was_training = self.training
-        self.eval()
-        try:
-            maps, scores = [], []
-            for start in range(0, images.shape[0], batch_size):
-                out = self(images[start : start + batch_size])
-                maps.append(out.anomaly_map.cpu())
-                scores.append(out.image_score.cpu())
-        finally:
-            self.train(was_training)
-        return RealNetPrediction(anomaly_map=torch.cat(maps), image_score=torch.cat(scores))
+        return predict_batches(self, images, batch_size, device=self.device, dtype=None)
 
     # ------------------------------------------------------------------ hub saving and loading
     @property

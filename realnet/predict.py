@@ -90,15 +90,14 @@ def _torch_model(model: Any, device: str | None, image_size: Any = None) -> tupl
     import torch
 
     from .evaluation import load_model, load_thresholds, resolve_device
+    from .inference import predict_batches
 
     device = resolve_device(device)
     stored = load_thresholds(model) or {}
     net = load_model(model, device=device)
-    net_device = next(net.parameters()).device
 
     def score_batch(images):
-        with torch.no_grad():
-            output = net(torch.from_numpy(images).to(net_device))
-        return output.anomaly_map[:, 0].float().cpu().numpy(), output.image_score.float().cpu().numpy()
+        prediction = predict_batches(net, [torch.from_numpy(images)])
+        return prediction.anomaly_map[:, 0].numpy(), prediction.image_score.numpy()
 
     return stored, inference_size(net, image_size, "--image-size"), score_batch

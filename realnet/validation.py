@@ -6,22 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .inference import predict_batches
 
-@torch.no_grad()
+
 def predict_tensors(model: nn.Module, images: torch.Tensor, batch_size: int = 16, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Anomaly maps (N,H,W) and image scores (N,) of a tensor of images, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    maps, scores = [], []
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            output = model(images[start : start + batch_size].to(device))
-            maps.append(output.anomaly_map[:, 0].float().cpu())
-            scores.append(output.image_score.float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(maps), torch.cat(scores)
+    prediction = predict_batches(model, images, batch_size, device=device)
+    return prediction.anomaly_map[:, 0], prediction.image_score
 
 
 def validation_metrics(model: nn.Module, validation: dict, batch_size: int = 16) -> dict:
