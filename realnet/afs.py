@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sia.errors import InputError
 
@@ -90,18 +89,19 @@ def accumulate_channel_losses(
     batches: Iterable[Any],
     feature_fn: FeatureFn,
     num_batches: int = DEFAULT_AFS_BATCHES,
-    progress: bool = True,
+    on_batch: Callable[[], object] | None = None,
 ) -> list[torch.Tensor]:
     """Sum the per-channel AFS losses of every layer over `num_batches` batches.
 
     `feature_fn` maps images (B,3,H,W) in [0,1] to the list of full backbone feature maps. All layers
     share the same batches (the official code draws fresh anomalies per layer group; the expected
-    loss is the same).
+    loss is the same). `on_batch` is called after each batch, e.g. a progress bar's ``update``
+    (the caller decides whether and how progress is shown).
     """
     if num_batches < 1:
         raise InputError(f"num_batches: expected a positive number of AFS batches, got {num_batches}")
     totals: list[torch.Tensor] | None = None
-    for batch in tqdm(_cycle(batches, num_batches), total=num_batches, desc="AFS", disable=not progress):
+    for batch in _cycle(batches, num_batches):
         images, clean_images, masks = unpack_afs_batch(batch)
         masks = check_afs_batch(images, clean_images, masks)
         anomalous_feats = feature_fn(images)
@@ -109,6 +109,8 @@ def accumulate_channel_losses(
         masks = masks.to(anomalous_feats[0].device)
         losses = [channel_losses(a, n, masks) for a, n in zip(anomalous_feats, clean_feats)]
         totals = losses if totals is None else [t + l for t, l in zip(totals, losses)]
+        if on_batch is not None:
+            on_batch()
     if totals is None:
         raise InputError("AFS batches: the iterable yielded no batches")
     return totals

@@ -166,10 +166,10 @@ class RealNetModule(AnomalibModule):
         if not self.network.afs_ready:
             loader = self._train_loader()
             if self.recipe.standardize_features:
-                self.network.fit_feature_statistics(self._normal_batches(loader, epochs=1), progress=False)
+                self.network.fit_feature_statistics(self._normal_batches(loader, epochs=1))
             generator = torch.Generator().manual_seed(self.seed + AFS_SEED_OFFSET)
             batches = (self._anomalous_batch(images, generator) for images in self._normal_batches(loader, limit=self.afs_batches))
-            self.network.select_features(batches, num_batches=self.afs_batches, progress=False)
+            self.network.select_features(batches, num_batches=self.afs_batches)
         if self.recipe.ema_decay and self.ema is None:
             self.ema = ExponentialMovingAverage(self.network, self.recipe.ema_decay)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,21 +253,23 @@ class RealNet(
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()
     def fit_feature_statistics(
-        self, batches: Iterable[Any], num_batches: int | None = None, progress: bool = True
+        self, batches: Iterable[Any], num_batches: int | None = None, on_batch: Callable[[], object] | None = None
     ) -> None:
         """Fit the per-channel standardisation on NORMAL images (tensors, tuples or dicts with 'image').
 
         Call before `select_features`, since AFS then sees standardised features. Statistics are
         stored even when `standardize_features` is False (they are only applied when it is True).
+        `on_batch` is called after each batch (a progress bar's ``update``; the module shows none).
         """
-        from tqdm.auto import tqdm
 
         def feature_batches():
-            for n, batch in enumerate(tqdm(batches, total=num_batches, desc="feature statistics", disable=not progress)):
+            for n, batch in enumerate(batches):
                 if num_batches is not None and n >= num_batches:
                     return
                 images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
                 yield self.backbone(self._check_images(images, "feature statistics batch"))
+                if on_batch is not None:
+                    on_batch()
 
         self.standardizer.fit(feature_batches())
 
@@ -276,13 +278,15 @@ class RealNet(
         self,
         batches: Iterable[Any],
         num_batches: int = DEFAULT_AFS_BATCHES,
-        progress: bool = True,
+        *,
         force: bool = False,
+        on_batch: Callable[[], object] | None = None,
     ) -> list[torch.Tensor]:
         """Run AFS once on batches of (anomalous images, clean images, masks) and store the indices.
 
         Feed 100 % synthetic anomalies (official: 64 batches of 16). Returns the accumulated
-        per-channel losses of every layer (lower = more anomaly-aware).
+        per-channel losses of every layer (lower = more anomaly-aware). `on_batch` is called after
+        each batch (a progress bar's ``update``; the module shows none).
         """
         if self.afs_ready and not force:
             raise RuntimeError("AFS channels are already selected; pass force=True to select them again")
@@ -290,7 +294,7 @@ class RealNet(
         def features(images: torch.Tensor) -> list[torch.Tensor]:
             return self.backbone_features(self._check_images(images, "AFS batch"))
 
-        losses = accumulate_channel_losses(batches, features, num_batches=num_batches, progress=progress)
+        losses = accumulate_channel_losses(batches, features, num_batches=num_batches, on_batch=on_batch)
         self.selector.set_indices(select_channels(losses, self.afs_channels))
         return losses
 

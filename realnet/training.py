@@ -311,16 +311,19 @@ def _start_run_folder(config: TrainingConfig, recipe: Recipe, accelerator, total
 def _fit_statistics_and_select(model, categories: list[CategoryData], recipe: Recipe, config: TrainingConfig, accelerator) -> None:
     """Feature statistics (fast recipe) from normal training images, then AFS on 100 % anomalies."""
     device = accelerator.device
+    hide = not (config.progress and accelerator.is_main_process)
     train_normals = ConcatDataset([c.train for c in categories])
     if recipe.standardize_features:
         batches = (b["image"].to(device) for b in seeded_batches(train_normals, recipe.batch_size, config.seed))
-        model.fit_feature_statistics(batches, progress=config.progress and accelerator.is_main_process)
+        with tqdm(desc="feature statistics", disable=hide) as bar:
+            model.fit_feature_statistics(batches, on_batch=bar.update)
     anomalous, parts, _ = build_training_dataset(categories, recipe, config.seed + 31, probability=1.0)
     afs_batches = (
         {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         for batch in seeded_batches(anomalous, recipe.batch_size, config.seed + 31, limit=config.afs_batches, parts=parts)
     )
-    model.select_features(afs_batches, num_batches=config.afs_batches, progress=config.progress and accelerator.is_main_process)
+    with tqdm(total=config.afs_batches, desc="AFS", disable=hide) as bar:
+        model.select_features(afs_batches, num_batches=config.afs_batches, on_batch=bar.update)
     _broadcast_fitted_buffers(model, accelerator)
 
 

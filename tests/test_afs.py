@@ -60,7 +60,7 @@ def test_channel_loss_matches_direct_formula():
 
 def test_afs_picks_the_channels_that_carry_the_anomaly():
     pattern = torch.randn(1, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(1))
-    losses = accumulate_channel_losses(_batches(6), lambda x: _features(x, pattern), num_batches=6, progress=False)
+    losses = accumulate_channel_losses(_batches(6), lambda x: _features(x, pattern), num_batches=6)
     chosen = select_channels(losses, [len(RESPONSIVE)])[0]
     assert chosen.tolist() == sorted(RESPONSIVE)
     assert losses[0][RESPONSIVE].max() < losses[0][[c for c in range(CHANNELS) if c not in RESPONSIVE]].min()
@@ -73,15 +73,15 @@ def test_dict_batches_and_wrap_around_of_reiterable_sources():
     def fn(x):
         return _features(x, pattern)
 
-    once = accumulate_channel_losses(data, fn, num_batches=2, progress=False)[0]
-    twice = accumulate_channel_losses(data, fn, num_batches=4, progress=False)[0]  # a list starts over
+    once = accumulate_channel_losses(data, fn, num_batches=2)[0]
+    twice = accumulate_channel_losses(data, fn, num_batches=4)[0]  # a list starts over
     torch.testing.assert_close(twice, 2 * once)
-    exhausted = accumulate_channel_losses(iter(data), fn, num_batches=4, progress=False)[0]  # an iterator stops
+    exhausted = accumulate_channel_losses(iter(data), fn, num_batches=4)[0]  # an iterator stops
     torch.testing.assert_close(exhausted, once)
     with pytest.raises(InputError, match="no batches"):
-        accumulate_channel_losses([], fn, num_batches=3, progress=False)
+        accumulate_channel_losses([], fn, num_batches=3)
     with pytest.raises(InputError, match="clean_image"):
-        accumulate_channel_losses([dict(image=data[0]["image"])], fn, num_batches=1, progress=False)
+        accumulate_channel_losses([dict(image=data[0]["image"])], fn, num_batches=1)
 
 
 def test_select_lowest_nan_ties_with_the_worst_and_ties_go_to_the_lower_index():
@@ -114,10 +114,10 @@ def test_afs_masks_are_binarised_and_accept_both_layouts():
     def fn(x):
         return _features(x, pattern)
 
-    reference = accumulate_channel_losses(batches, fn, num_batches=2, progress=False)[0]
+    reference = accumulate_channel_losses(batches, fn, num_batches=2)[0]
     for convert in (lambda m: m[:, 0], lambda m: m * 255, lambda m: (m[:, 0] * 255).to(torch.uint8), lambda m: m.bool()):
         variant = [(a, c, convert(m)) for a, c, m in batches]
-        torch.testing.assert_close(accumulate_channel_losses(variant, fn, num_batches=2, progress=False)[0], reference)
+        torch.testing.assert_close(accumulate_channel_losses(variant, fn, num_batches=2)[0], reference)
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_bad_afs_batches_are_one_line_input_errors(change, message):
     pattern = torch.randn(1, CHANNELS, 16, 16)
     batch = change(*next(_batches(1)))
     with pytest.raises(InputError, match=message) as err:
-        accumulate_channel_losses([batch], lambda x: _features(x, pattern), num_batches=1, progress=False)
+        accumulate_channel_losses([batch], lambda x: _features(x, pattern), num_batches=1)
     assert "\n" not in str(err.value)
 
 
@@ -172,3 +172,12 @@ def test_bad_afs_indices_are_refused_before_use(indices, message):
     with pytest.raises(InputError, match=message):
         selector.set_indices(indices)
     assert not bool(selector.ready)
+
+
+def test_progress_is_the_callers_business(capfd):
+    """No bar of its own: the caller counts batches through ``on_batch`` (a list is cycled to 5)."""
+    pattern = torch.rand(1, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(0))
+    data, calls = list(_batches(2)), []
+    accumulate_channel_losses(data, lambda x: _features(x, pattern), num_batches=5, on_batch=lambda: calls.append(1))
+    accumulate_channel_losses(data, lambda x: _features(x, pattern), num_batches=2)
+    assert len(calls) == 5 and capfd.readouterr().err == ""

@@ -85,12 +85,22 @@ def test_select_features_stores_sorted_indices_once():
     torch.manual_seed(0)
     net = RealNet(**TINY)
     assert not net.afs_ready
-    losses = net.select_features(_afs_batches(2), num_batches=2, progress=False)
+    losses = net.select_features(_afs_batches(2), num_batches=2)
     assert net.afs_ready and [l.numel() for l in losses] == [64, 128, 256, 512]
     for idx, k in zip(net.selector.indices(), TINY["afs_channels"]):
         assert idx.numel() == k and torch.equal(idx, idx.unique())  # unique() sorts ascending
     with pytest.raises(RuntimeError, match="already selected"):
-        net.select_features(_afs_batches(1), num_batches=1, progress=False)
+        net.select_features(_afs_batches(1), num_batches=1)
+
+
+def test_fitting_shows_no_progress_of_its_own_and_reports_each_batch(capfd):
+    torch.manual_seed(0)
+    net = RealNet(**TINY)
+    statistics, afs = [], []
+    data = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    net.fit_feature_statistics(data, num_batches=2, on_batch=lambda: statistics.append(1))
+    net.select_features(_afs_batches(2), num_batches=2, on_batch=lambda: afs.append(1))
+    assert len(statistics) == 2 and len(afs) == 2 and capfd.readouterr().err == ""
 
 
 def test_feature_statistics_standardise_normal_features():
@@ -98,7 +108,7 @@ def test_feature_statistics_standardise_normal_features():
     net = RealNet(**TINY, standardize_features=True)
     data = [torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     raw = [torch.cat(level) for level in zip(*(net.backbone_features(x) for x in data))]
-    net.fit_feature_statistics(data, progress=False)
+    net.fit_feature_statistics(data)
     assert net.feature_statistics_ready
     feats = [torch.cat(level) for level in zip(*(net.backbone_features(x) for x in data))]
     assert not torch.equal(raw[0], feats[0])
@@ -278,11 +288,11 @@ def test_reconstruction_loss_level_mismatch_is_input_error():
 def test_select_features_binarises_masks_and_accepts_both_layouts():
     torch.manual_seed(0)
     net = RealNet(**TINY)
-    reference = net.select_features(_afs_batches(2), num_batches=2, progress=False)
+    reference = net.select_features(_afs_batches(2), num_batches=2)
     variants = [lambda m: m[:, 0], lambda m: (m * 255).to(torch.uint8), lambda m: m * 255]
     for convert in variants:
         batches = [{**b, "mask": convert(b["mask"])} for b in _afs_batches(2)]
-        losses = net.select_features(batches, num_batches=2, progress=False, force=True)
+        losses = net.select_features(batches, num_batches=2, force=True)
         for got, want in zip(losses, reference):
             torch.testing.assert_close(got, want)
 
@@ -300,7 +310,7 @@ def test_select_features_refuses_mismatched_batches(change, message):
     torch.manual_seed(0)
     net = RealNet(**TINY)
     with pytest.raises(InputError, match=message):
-        net.select_features([change(b) for b in _afs_batches(1)], num_batches=1, progress=False)
+        net.select_features([change(b) for b in _afs_batches(1)], num_batches=1)
     assert not net.afs_ready
 
 
