@@ -188,7 +188,7 @@ def convert_official_command(
     output: Annotated[Path, typer.Argument(help="Model folder to write (config.json, model.safetensors, README.md).")],
     backbone: Annotated[Optional[str], typer.Option(help="timm backbone of the checkpoint; default: read from its "
                                                     "arch entry or recognised from the weights.")] = None,
-    image_size: Annotated[int, typer.Option(help="Square image size the model was trained at (official: 256).")] = 256,
+    image_size: Annotated[str, typer.Option("--image-size", help="Image size the model was trained at, N or HxW (official: 256).")] = "256",
     dataset: Annotated[Optional[str], typer.Option(help="Benchmark it was trained on (mvtec-ad, visa, mpdd, btad), "
                                                    "for the model card's licence and citations.")] = None,
     category: Annotated[Optional[str], typer.Option(help="Category it was trained on, for the model card.")] = None,
@@ -201,8 +201,9 @@ def convert_official_command(
 
     separate_output(writable_folder_path(output, "OUTPUT"), [checkpoint], "OUTPUT")
     facts = {k: v for k, v in {"dataset": dataset, "category": category}.items() if v}
-    convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
-                             card_facts=facts)
+    with _flags_for(image_size="--image-size"):
+        convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
+                                 card_facts=facts)
     typer.echo(f"RealNet model: {output} (load with RealNet.from_pretrained)")
 
 

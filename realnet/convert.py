@@ -276,7 +276,7 @@ def convert_official_realnet(
     output_dir: str | Path | None = None,
     *,
     backbone: str | None = None,
-    image_size: int | list[int] = 256,
+    image_size: int | list[int] | str = 256,
     overwrite: bool = False,
     card_facts: Mapping[str, Any] | None = None,
 ):
@@ -291,10 +291,15 @@ def convert_official_realnet(
         output_dir = Path(output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
             raise InputError(f"{output_dir}: output folder is not empty (pass overwrite=True / --overwrite)")
+    from .image_size import check_stride, format_image_size, model_stride, parse_image_size
+
+    trained = parse_image_size(image_size, "image_size")
+    image_size = trained[0] if trained[0] == trained[1] else list(trained)  # square sizes keep their one-number config
     state, metadata = load_official_checkpoint(checkpoint)
     source = str(checkpoint)
     config = infer_realnet_config(state, metadata, backbone=backbone, image_size=image_size, source=source)
     model = RealNet(**config)
+    check_stride(trained, model_stride(model), "image_size", f"the {config['backbone']} backbone")
     mapped, unknown = _rename_official(state)
     expected = model.state_dict()
     layers, down, resblocks = _official_layer_names(model), _down_blocks(model), _resblock_paths(model)
@@ -326,7 +331,7 @@ def convert_official_realnet(
         from .cards import write_realnet_card
 
         facts = {
-            "backbone": config["backbone"], "image_size": image_size,
+            "backbone": config["backbone"], "image_size": format_image_size(trained),
             "source": f"converted from the official RealNet checkpoint {Path(checkpoint).name}"
                       + (f" (epoch {metadata['epoch']})" if "epoch" in metadata else ""),
         }

@@ -197,3 +197,29 @@ def test_norm_group_policy_is_in_the_config_and_old_configs_load_unchanged(tmp_p
         RealNet(**tiny, recon_norm_groups="32")
     with pytest.raises(InputError, match="recon_norm_groups='official'.*48"):
         RealNet(**{**tiny, "afs_channels": [96, 64]}, recon_norm_groups="official")
+
+
+def test_non_square_size_converts_to_the_same_weights(tmp_path, official, converted):
+    # The official decoder upsamples to a square (W*2, W*2), so it cannot run non-square images;
+    # the converted model takes the same weights and runs them at the size it was given.
+    model = convert_official_realnet(_save(tmp_path, official), tmp_path / "wide", image_size="64x96")
+    assert list(model.image_size) == [64, 96]
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["image_size"] == [64, 96]
+    square = converted.state_dict()
+    assert all(torch.equal(value, square[key]) for key, value in model.state_dict().items())
+    images = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert model(images).anomaly_map.shape == (2, 1, 64, 96)
+
+
+@pytest.mark.parametrize("size, message", [("64x", "expected"), ("64x100", "multiple")])
+def test_bad_sizes_are_one_line_errors_naming_the_flag(tmp_path, official, size, message):
+    from typer.testing import CliRunner
+
+    from realnet.cli import app
+
+    path = _save(tmp_path, official)
+    result = CliRunner().invoke(app, ["convert-official", str(path), str(tmp_path / "out"), "--image-size", size])
+    assert result.exit_code == 2 and "--image-size" in result.output and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "model.safetensors").exists()
