@@ -1,4 +1,4 @@
-"""AFS, anomaly-aware feature selection (RealNet §3.2, official `init_idxs`).
+"""AFS, anomaly-aware feature selection (the RealNet paper's AFS step, official `init_idxs`).
 
 A channel is worth reconstructing if its residual between anomalous and clean features looks like
 the anomaly mask. For every channel the score is the mean squared difference between the

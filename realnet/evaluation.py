@@ -1,7 +1,7 @@
 """Evaluate a trained RealNet on a test split: image AUROC, pixel AUROC, PRO, and overlays.
 
 Maps and ground truth are compared at the model's input size (256² for the paper's models), as
-the official evaluator does (reference §8), but AUROCs are never flipped and PRO follows the MVTec
+the official evaluator does (so numbers stay comparable with the paper's), but AUROCs are never flipped and PRO follows the MVTec
 definition (see ``realnet.metrics``). Overlays use the model's normal-only pixel threshold, never a
 threshold tuned on the test masks (the official code picks the F1-optimal one on the test set).
 """

@@ -1,7 +1,7 @@
 """Training losses of RealNet: segmentation of the synthetic defects + reconstruction of clean features.
 
 The official code uses plain pixel-wise cross-entropy plus an unweighted sum of per-level MSEs
-(reference §6.2). Synthetic defects cover about 5 % of an anomalous image and half the images are
+(what the official training script computes). Synthetic defects cover about 5 % of an anomalous image and half the images are
 normal, so under plain CE the discriminator first learns to say "normal" everywhere; the
 class-balanced and focal variants here counter that imbalance and are what the `fast` recipe uses.
 """

@@ -1,8 +1,8 @@
 """Named training recipes: how RealNet is trained, never what it is.
 
 Every recipe trains the same architecture (AFS, reconstruction networks, RRS, discriminator). The
-``paper`` recipe reproduces the official settings (reference §7). The ``fast`` recipe changes only
-optimisation details so that the model converges within a CPU-sized budget; every change is a
+``paper`` recipe reproduces the official code's settings, so its results compare with the paper's.
+The ``fast`` recipe changes only optimisation details so that the model converges within a CPU-sized budget; every change is a
 separate field, and :func:`ablations` switches each one back to the paper value so its effect can
 be measured (``benchmarks/recipe.py``).
 """

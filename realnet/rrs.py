@@ -1,4 +1,4 @@
-"""RRS, reconstruction residual selection (RealNet §3.4, official `models/rrs/rrs.py`).
+"""RRS, reconstruction residual selection (the RealNet paper's RRS module, official `models/rrs/rrs.py`).
 
 The residuals of all levels are brought to the finest level's resolution and concatenated. Per
 sample, the channels with the largest spatial maximum and the largest spatial mean are kept. The

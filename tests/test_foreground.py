@@ -35,7 +35,7 @@ def iou(mask, truth):
     return (pred & truth).sum().item() / max((pred | truth).sum().item(), 1)
 
 
-# Spec §2.2, written out by hand: category -> (channel, method, inverted, closing, opening).
+# The official foreground recipes, written out by hand (so a change in the table is caught): category -> (channel, method, inverted, closing, opening).
 # Categories without a foreground step are ("gray", "none", False, 0, 0).
 _NONE = ("gray", "none", False, 0, 0)
 EXPECTED_RECIPES = {

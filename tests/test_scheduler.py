@@ -135,7 +135,7 @@ def test_config_round_trip_and_sampler_switch(tmp_path):
 
 
 def _spec_respaced_schedule(steps: int = 20):
-    """Spec §1.2 from scratch in float64: linear betas, keep abar at {0, 50, ..., 950}, re-derive betas."""
+    """The official respaced schedule rebuilt from scratch in float64: linear betas, keep abar at {0, 50, ..., 950}, re-derive betas."""
     import numpy as np
 
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))

@@ -50,7 +50,8 @@ def test_sia_uses_the_category_subfolder(tmp_path):
 
 
 def test_a_per_category_folder_without_the_category_is_an_error(tmp_path):
-    """Spec §2.3: the SIA image is of the SAME category; other categories are never mixed in."""
+    """SIA images come from the SAME category (another product's defect would be off-class);
+    other categories are never mixed in."""
     save_images(tmp_path / "sia" / "bottle", [(200, 10, 10)])
     save_images(tmp_path / "sia" / "cable", [(10, 200, 10)])
     with pytest.raises(InputError, match=r"category 'screw': no SIA images of it in .*sia; present: bottle, cable$"):
