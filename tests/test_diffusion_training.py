@@ -22,16 +22,7 @@ MICRO_UNET = dict(block_out_channels=(8, 16), layers_per_block=1, attention_head
                   norm_num_groups=4, attn_norm_num_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; every test gets a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _toy_image(category: int, index: int, size: int = 20) -> Image.Image:
@@ -251,7 +242,7 @@ def test_sample_inference_steps_are_bounded_by_the_training_timesteps(toy_data: 
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_another_world_size_or_precision_and_skips_a_torn_log_line(toy_data: Path, tmp_path: Path):
+def test_resume_refuses_another_world_size_or_precision_and_skips_a_torn_log_line(toy_data: Path, tmp_path: Path, reset_accelerate):
     out = tmp_path / "run"
     train_diffusion(_config(toy_data, out, max_steps=2, checkpoint_every=1))
     state_path = training.latest_checkpoint(out) / "trainer_state.json"
@@ -263,15 +254,13 @@ def test_resume_refuses_another_world_size_or_precision_and_skips_a_torn_log_lin
         train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True))
     assert "\n" not in str(info.value)
     state_path.write_text(json.dumps(state))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)  # a fresh process could pick another precision
+    reset_accelerate()  # a fresh process could pick another precision
     with pytest.raises(InputError, match=r"mixed_precision 'no' -> 'bf16'"):
         train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True, mixed_precision="bf16"))
 
     with open(out / "train_log.jsonl", "a") as log:
         log.write('{"step": 3, "loss": 0.')  # killed in the middle of a write
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     train_diffusion(_config(toy_data, out, max_steps=3, checkpoint_every=1, resume=True))
     assert [r["step"] for r in _log(out)] == [1, 2, 3]
 
@@ -337,32 +326,28 @@ def test_fp16_on_the_cpu_is_refused_as_realnet_train_refuses_it(toy_data: Path, 
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 
 
-def test_a_moved_run_resumes(toy_data: Path, tmp_path: Path, monkeypatch):
+def test_a_moved_run_resumes(toy_data: Path, tmp_path: Path, monkeypatch, reset_accelerate):
     with _killed_at_loss_call(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         train_diffusion(_config(toy_data, tmp_path / "before", max_steps=3, checkpoint_every=1))
     (tmp_path / "before").rename(tmp_path / "after")
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     train_diffusion(_config(toy_data, tmp_path / "after", max_steps=3, checkpoint_every=1, resume=True))
     assert [r["step"] for r in _log(tmp_path / "after")] == [1, 2, 3]
     assert json.loads((tmp_path / "after" / "training_config.json").read_text())["output_dir"] == str(tmp_path / "after")
 
 
-def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(toy_data: Path, tmp_path: Path):
+def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(toy_data: Path, tmp_path: Path, reset_accelerate):
     image = toy_data / "cable" / "train" / "good" / "001.png"
     good = image.read_bytes()
     image.write_bytes(b"not a png")
     with pytest.raises(InputError, match="001.png"):
         train_diffusion(_config(toy_data, tmp_path / "run", max_steps=2))
     image.write_bytes(good)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     assert train_diffusion(_config(toy_data, tmp_path / "run", max_steps=2)).is_dir()
 
 
-def test_a_tampered_checkpoint_is_refused_without_running_code(toy_data: Path, tmp_path: Path):
+def test_a_tampered_checkpoint_is_refused_without_running_code(toy_data: Path, tmp_path: Path, reset_accelerate):
     import pickle
 
     class PlantsAFile:
@@ -372,9 +357,7 @@ def test_a_tampered_checkpoint_is_refused_without_running_code(toy_data: Path, t
     out = tmp_path / "run"
     train_diffusion(_config(toy_data, out, max_steps=1, checkpoint_every=1))
     (training.latest_checkpoint(out) / "ema.safetensors").write_bytes(pickle.dumps(PlantsAFile()))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     with pytest.raises(InputError, match="ema.safetensors: not a valid checkpoint file") as info:
         train_diffusion(_config(toy_data, out, max_steps=2, checkpoint_every=1, resume=True))
     assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_realnet_cli import _reset_accelerate, fresh_accelerate_state  # noqa: F401 - autouse fixture
 from test_training import TINY_MODEL, make_dataset
 from typer.testing import CliRunner
 
@@ -20,6 +19,8 @@ from realnet.cli import app
 from realnet.image_size import check_stride, format_image_size, parse_image_size
 from realnet.model import RealNet
 from sia.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 runner = CliRunner()
 
@@ -95,16 +96,16 @@ def _tall_dataset(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_tall(tmp_path_factory) -> tuple[Path, Path]:
+def trained_tall(tmp_path_factory, reset_accelerate) -> tuple[Path, Path]:
     """(data root, run folder) of a tiny CLI run at 48x32 (height x width) on tall images."""
-    _reset_accelerate()
+    reset_accelerate()
     root = tmp_path_factory.mktemp("data")
     _tall_dataset(root / "widget")
     output = tmp_path_factory.mktemp("run") / "out"
     result = runner.invoke(app, ["train", "--data", str(root), "--category", "widget", "--source", "cutpaste",
                                  "--output", str(output), "--image-size", "48x32", *TINY])
     assert result.exit_code == 0, result.output
-    _reset_accelerate()
+    reset_accelerate()
     return root, output
 
 

@@ -23,31 +23,20 @@ TINY = [
 ]
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def trained(tmp_path_factory, reset_accelerate) -> tuple[Path, Path]:
     """(data root, training output) of one tiny CLI training run shared by the tests below."""
-    _reset_accelerate()
+    reset_accelerate()
     root = tmp_path_factory.mktemp("data")
     make_dataset(root / "widget", n_train=8, n_good=2, n_bad=3)
     output = tmp_path_factory.mktemp("run") / "out"
     result = runner.invoke(app, ["train", "--data", str(root), "--category", "widget", "--source", "cutpaste",
                                  "--output", str(output), "--recipe", "paper", *TINY])
     assert result.exit_code == 0, result.output
-    _reset_accelerate()
+    reset_accelerate()
     return root, output
 
 

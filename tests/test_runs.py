@@ -36,14 +36,11 @@ def _malicious_pickle(path: Path, target: Path) -> None:
 
 
 @pytest.fixture
-def accelerator():
+def accelerator(reset_accelerate):
     from accelerate import Accelerator
 
     yield Accelerator(cpu=True)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 # ------------------------------------------------------------------ atomic writes and logs

@@ -29,16 +29,7 @@ TINY_MODEL = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; every test gets a clean one."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -219,12 +210,9 @@ class _Interrupt(Exception):
     pass
 
 
-def test_clean_feature_cache_gives_the_same_weights_as_recomputing(data_root, tmp_path):
+def test_clean_feature_cache_gives_the_same_weights_as_recomputing(data_root, tmp_path, reset_accelerate):
     cached = train(tiny_config(data_root, tmp_path / "cached", iterations=6))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     recomputed = train(tiny_config(data_root, tmp_path / "recomputed", iterations=6, feature_cache_mb=0))
     a, b = load_file(str(cached / "model.safetensors")), load_file(str(recomputed / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -232,7 +220,7 @@ def test_clean_feature_cache_gives_the_same_weights_as_recomputing(data_root, tm
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
 
 
-def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_path):
+def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_path, reset_accelerate):
     straight = train(tiny_config(data_root, tmp_path / "straight", iterations=6, checkpoint_every=2))
 
     def stop_at_five(model, iteration):
@@ -246,14 +234,10 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert checkpoints[-1] == "step_000004"
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(InputError, match="--resume"):
         train(config)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = train(tiny_config(data_root, tmp_path / "resumed", iterations=6, checkpoint_every=2, resume=True))
     log = [json.loads(line) for line in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
     # records written after the checkpoint (iteration 5 before the interruption) are not kept twice
@@ -264,12 +248,10 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(InputError, match="--overwrite"):
         train(tiny_config(data_root, tmp_path / "resumed", iterations=6))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(InputError, match="unknown recipe"):  # bad settings are refused before anything is deleted
         train(tiny_config(data_root, tmp_path / "resumed", iterations=6, overwrite=True, recipe="turbo"))
     assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
@@ -383,14 +365,7 @@ def test_empty_or_corrupt_training_images_are_input_errors(tmp_path):
         train(tiny_config(tmp_path / "corrupt", tmp_path / "run2", validation_fraction=0.0))
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-def test_kill_then_resume_tolerates_a_torn_log_line_and_refuses_a_tampered_checkpoint(data_root, tmp_path):
+def test_kill_then_resume_tolerates_a_torn_log_line_and_refuses_a_tampered_checkpoint(data_root, tmp_path, reset_accelerate):
     import pickle
 
     class PlantsAFile:
@@ -411,13 +386,13 @@ def test_kill_then_resume_tolerates_a_torn_log_line_and_refuses_a_tampered_check
     original = (checkpoint / "optimizer.safetensors").read_bytes()
     for name in ("optimizer.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
         (checkpoint / name).write_bytes(pickle.dumps(PlantsAFile()))
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(InputError, match="optimizer.safetensors: not a valid checkpoint file") as info:
         train(tiny_config(data_root, out, iterations=4, checkpoint_every=2, resume=True))
     assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()
 
     (checkpoint / "optimizer.safetensors").write_bytes(original)
-    _reset_accelerate()
+    reset_accelerate()
     train(tiny_config(data_root, out, iterations=4, checkpoint_every=2, resume=True))
     assert not (tmp_path / "planted.txt").exists()  # the accelerate-style pickles are never read
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -439,7 +414,7 @@ def test_resume_without_a_run_or_with_a_damaged_record_is_a_one_line_error(data_
         assert "\n" not in str(info.value)
 
 
-def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(tmp_path):
+def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(tmp_path, reset_accelerate):
     data = tmp_path / "data"
     folder = make_dataset(data / "widget", n_train=4, n_good=1, n_bad=1)
     good = (folder / "train" / "good" / "001.png").read_bytes()
@@ -447,13 +422,13 @@ def test_a_run_stopped_by_a_corrupt_image_can_be_run_again(tmp_path):
     with pytest.raises(InputError, match="001.png"):
         train(tiny_config(data, tmp_path / "run", validation_fraction=0.0, iterations=2))
     (folder / "train" / "good" / "001.png").write_bytes(good)
-    _reset_accelerate()
+    reset_accelerate()
     model_dir = train(tiny_config(data, tmp_path / "run", validation_fraction=0.0, iterations=2))
     assert json.loads((tmp_path / "run" / "config.json").read_text())["status"] == "finished"
     assert (model_dir / "model.safetensors").is_file()
 
 
-def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(data_root, tmp_path, monkeypatch):
+def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(data_root, tmp_path, monkeypatch, reset_accelerate):
     # a cache budget of about 4 of the 9 training images: which ones are cached must not depend on
     # where the run (re)started, or the resumed run computes other targets in other batches
     cached: dict[str, list[int]] = {}
@@ -479,11 +454,11 @@ def test_resume_from_any_checkpoint_ends_with_the_uninterrupted_weights(data_roo
 
         out = tmp_path / f"stopped_at_{stop}"
         current["run"] = "interrupted"
-        _reset_accelerate()
+        reset_accelerate()
         with pytest.raises(_Interrupt):
             train(tiny_config(data_root, out, **settings), evaluate=interrupt, evaluate_every=1)
         current["run"] = f"resumed_{stop}"
-        _reset_accelerate()
+        reset_accelerate()
         resumed = load_file(str(train(tiny_config(data_root, out, resume=True, **settings)) / "model.safetensors"))
         assert cached[f"resumed_{stop}"] == cached["straight"]
         assert resumed.keys() == straight.keys()
