@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from sia.errors import InputError, report_input_errors
+from sia.errors import report_input_errors
 
 from .image_size import parse_image_size
 
@@ -26,7 +25,8 @@ IMAGE_SIZE_HELP = ("Size the model runs at (default: its training size): N or Hx
 
 
 @app.command("train")
-@report_input_errors
+@report_input_errors(flags={"categories": "--category", "model_kwargs": "--model-option",
+                           "recipe_overrides": "--recipe-option"})
 def train_command(
     data: Annotated[Path, typer.Option("--data", help="Dataset root (e.g. the MVTec AD folder), or one category folder holding train/ and test/.")],
     source: Annotated[str, typer.Option("--source", help="Anomaly source: 'sia:DIR_OR_HUB_ID' (SIA images; DIR may hold one sub-folder per category), 'dtd:DIR' (texture images), 'cutpaste' or 'sdas-inpaint:MODEL' (in-context SDAS defects painted under each mask on the fly by a saved SDAS pipeline).")],
@@ -79,7 +79,7 @@ def train_command(
 
 
 @app.command("eval")
-@report_input_errors
+@report_input_errors(flags={"categories": "--category"})
 def eval_command(
     model: Annotated[str, typer.Option("--model", help="Trained model: a model folder, a training output folder or a Hub id.")],
     data: Annotated[Path, typer.Option("--data", help="Dataset root, or one category folder holding train/ and test/.")],
@@ -161,24 +161,9 @@ def export_command(
     """Export the whole inference graph (normalisation to image score) for deployment without torch."""
     from .export import export_model
 
-    with _flags_for(model="--model", out="--out", format="--format", image_size="--image-size", batch="--batch",
-                    precision="--precision", calibration_images="--calibration-images"):
-        folder = export_model(model, out, format=format, image_size=image_size, batch=batch, overwrite=overwrite,
-                              verify=verify, precision=precision, calibration_images=calibration_images)
+    folder = export_model(model, out, format=format, image_size=image_size, batch=batch, overwrite=overwrite,
+                          verify=verify, precision=precision, calibration_images=calibration_images)
     typer.echo(f"exported to {folder}; run it with: realnet predict IMAGES --model {folder} --out RESULTS")
-
-
-@contextmanager
-def _flags_for(**flags: str):
-    """Re-word library InputErrors that start with a parameter name ("image_size: ...") to name the flag."""
-    try:
-        yield
-    except InputError as err:
-        message = str(err)
-        for parameter, flag in flags.items():
-            if message.startswith((f"{parameter}:", f"{parameter} ")):
-                raise InputError(flag + message[len(parameter):]) from None
-        raise
 
 
 @app.command("convert-official")
@@ -201,9 +186,8 @@ def convert_official_command(
 
     separate_output(writable_folder_path(output, "OUTPUT"), [checkpoint], "OUTPUT")
     facts = {k: v for k, v in {"dataset": dataset, "category": category}.items() if v}
-    with _flags_for(image_size="--image-size"):
-        convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
-                                 card_facts=facts)
+    convert_official_realnet(checkpoint, output, backbone=backbone, image_size=image_size, overwrite=overwrite,
+                             card_facts=facts)
     typer.echo(f"RealNet model: {output} (load with RealNet.from_pretrained)")
 
 

@@ -33,17 +33,17 @@ def build_model(config: TrainingConfig, recipe: Recipe):
         raise
     except (TypeError, ValueError) as err:  # e.g. layers=3: a wrong type deep inside timm/torch
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"--model-option: bad value ({first})") from None
+        raise InputError(f"`model_kwargs`: bad value ({first})") from None
 
 
 def check_model_kwargs(kwargs: dict) -> None:
-    """Unknown ``--model-option`` keys are an InputError listing the RealNet settings."""
+    """Unknown ``model_kwargs`` keys are an InputError listing the RealNet settings."""
     from .model import RealNet
 
     known = set(inspect.signature(RealNet.__init__).parameters) - {"self", "weights_from_checkpoint"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise InputError(f"--model-option {', '.join(unknown)}: unknown RealNet setting; known: {', '.join(sorted(known))}")
+        raise InputError(f"`model_kwargs` {', '.join(unknown)}: unknown RealNet setting; known: {', '.join(sorted(known))}")
 
 
 def _trainable_groups(model: nn.Module, recipe: Recipe) -> list[dict]:

@@ -187,7 +187,7 @@ def _infer_backbone(state: Mapping[str, torch.Tensor], source: str) -> str:
 
 
 def _unknown_backbone(source: str) -> str:
-    raise InputError(f"{source}: cannot tell the backbone from the weights; pass backbone= (--backbone)")
+    raise InputError(f"{source}: cannot tell the backbone from the weights; pass `backbone`")
 
 
 def _recon_shape(state: Mapping[str, torch.Tensor], block: str, channels: int, source: str) -> dict[str, Any]:
@@ -290,16 +290,16 @@ def convert_official_realnet(
     if output_dir is not None:
         output_dir = Path(output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-            raise InputError(f"{output_dir}: output folder is not empty (pass overwrite=True / --overwrite)")
+            raise InputError(f"{output_dir}: output folder is not empty (pass `overwrite=True`)")
     from .image_size import check_stride, format_image_size, model_stride, parse_image_size
 
-    trained = parse_image_size(image_size, "image_size")
+    trained = parse_image_size(image_size, "`image_size`")
     image_size = trained[0] if trained[0] == trained[1] else list(trained)  # square sizes keep their one-number config
     state, metadata = load_official_checkpoint(checkpoint)
     source = str(checkpoint)
     config = infer_realnet_config(state, metadata, backbone=backbone, image_size=image_size, source=source)
     model = RealNet(**config)
-    check_stride(trained, model_stride(model), "image_size", f"the {config['backbone']} backbone")
+    check_stride(trained, model_stride(model), "`image_size`", f"the {config['backbone']} backbone")
     mapped, unknown = _rename_official(state)
     expected = model.state_dict()
     layers, down, resblocks = _official_layer_names(model), _down_blocks(model), _resblock_paths(model)

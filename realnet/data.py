@@ -190,7 +190,7 @@ class AnomalyDataset(Dataset):
 def check_mask_threshold(value: float) -> float:
     """``value`` if it is a number in [0, 255): the 8-bit grey level above which a mask pixel is anomalous."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value < 255:
-        raise InputError(f"--mask-threshold: expected a number from 0 to 254 (8-bit grey level), got {value!r}")
+        raise InputError(f"`mask_threshold`: expected a number from 0 to 254 (8-bit grey level), got {value!r}")
     return value
 
 
@@ -216,7 +216,7 @@ def _warn_about_graded_masks(records: Sequence[SampleRecord], where: Path) -> No
         logger.warning(
             f"warning: {graded} of {total} masks in {where} have intermediate grey values (lossy or anti-aliased) in "
             f"more than {GRADED_MASK_SHARE:.0%} of their non-zero pixels; they are binarised with > 0, which enlarges "
-            "their defects: pass --mask-threshold 127 (mask_threshold=127) to binarise them at mid-grey"
+            "their defects: pass `mask_threshold=127` to binarise them at mid-grey"
         )
 
 

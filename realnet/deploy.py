@@ -48,7 +48,7 @@ def is_export_folder(model: Any) -> bool:
     return isinstance(model, (str, Path)) and (Path(model) / MANIFEST_NAME).is_file()
 
 
-def read_manifest(folder: str | Path, what: str = "--model") -> dict:
+def read_manifest(folder: str | Path, what: str = "`model`") -> dict:
     """The checked manifest of an export folder; refuses other format versions and missing graph files."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
@@ -113,7 +113,7 @@ class ExportedRealNet:
         return cls(folder, num_threads=num_threads)
 
     def _onnxruntime(self, num_threads: int | None):
-        ort = import_runtime("onnxruntime", f"--model {self.folder} (onnx)")
+        ort = import_runtime("onnxruntime", f"`model` {self.folder} (onnx)")
         options = ort.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = int(num_threads)
@@ -128,7 +128,7 @@ class ExportedRealNet:
         return run
 
     def _openvino(self, num_threads: int | None):
-        ov = import_runtime("openvino", f"--model {self.folder} (openvino)")
+        ov = import_runtime("openvino", f"`model` {self.folder} (openvino)")
         core = ov.Core()
         # f32 on every CPU: OpenVINO would otherwise run in bf16 where the CPU has it, which breaks parity.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}

@@ -34,7 +34,7 @@ def _whole(value: Any) -> int | None:
     return int(value) if float(value).is_integer() else None
 
 
-def parse_image_size(value: ImageSizeLike, parameter: str = "image_size") -> ImageSize:
+def parse_image_size(value: ImageSizeLike, parameter: str = "`image_size`") -> ImageSize:
     """``256``, ``"256"``, ``"640x256"`` or ``(640, 256)`` -> ``(height, width)``, each side >= 1.
 
     Anything else (``0``, ``"abc"``, ``"256x"``, three numbers) is a one-line InputError naming
@@ -54,7 +54,7 @@ def parse_image_size(value: ImageSizeLike, parameter: str = "image_size") -> Ima
     return int(sides[0]), int(sides[1])  # type: ignore[arg-type]
 
 
-def check_stride(size: ImageSize, stride: int, parameter: str = "image_size", what: str = "the model") -> ImageSize:
+def check_stride(size: ImageSize, stride: int, parameter: str = "`image_size`", what: str = "the model") -> ImageSize:
     """``size`` if both sides are multiples of ``stride`` and at least ``MIN_SIDE``; else an
     InputError suggesting the nearest valid size."""
     smallest = -(-MIN_SIDE // stride) * stride
@@ -85,7 +85,7 @@ def trained_size(model: Any) -> ImageSize:
     return parse_image_size(size, "model image_size")
 
 
-def inference_size(model: Any, image_size: ImageSizeLike | None = None, parameter: str = "image_size") -> ImageSize:
+def inference_size(model: Any, image_size: ImageSizeLike | None = None, parameter: str = "`image_size`") -> ImageSize:
     """The size to run ``model`` at: its training size, or ``image_size`` when given.
 
     A size other than the training size is allowed (the network is fully convolutional), checked

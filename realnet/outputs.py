@@ -28,7 +28,7 @@ _MANIFEST_VERSION = 1
 
 def check_batch_size(batch_size: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"--batch-size: expected a positive integer, got {batch_size!r}")
+        raise InputError(f"`batch_size`: expected a positive integer, got {batch_size!r}")
     return batch_size
 
 
@@ -41,13 +41,13 @@ def finite_threshold(value: Optional[float], parameter: str) -> Optional[float]:
     return float(value)
 
 
-def check_output_folder(folder: str | Path, overwrite: bool, parameter: str = "--out") -> Path:
+def check_output_folder(folder: str | Path, overwrite: bool, parameter: str = "`out`") -> Path:
     """Refuse an output that is a file, or a non-empty folder unless ``overwrite``: the results of an
     earlier run are never replaced (or mixed with new ones) silently."""
     folder = writable_folder_path(folder, parameter)
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise InputError(
-            f"{parameter} {folder}: folder is not empty; pass --overwrite to replace its results or choose another folder"
+            f"{parameter} {folder}: folder is not empty; pass `overwrite=True` to replace its results or choose another folder"
         )
     return folder
 
@@ -75,7 +75,7 @@ def read_manifest(folder: str | Path) -> dict[str, list[str]]:
 
 
 def check_planned_outputs(folder: str | Path, planned: Iterable[str], overwrite: bool,
-                          parameter: str = "--out") -> tuple[Path, dict[str, list[str]]]:
+                          parameter: str = "`out`") -> tuple[Path, dict[str, list[str]]]:
     """Everything :func:`prepare_output_folder` refuses, checked without touching the folder:
     (folder, the previous run's manifest)."""
     folder = check_output_folder(folder, overwrite, parameter)
@@ -93,7 +93,7 @@ def check_planned_outputs(folder: str | Path, planned: Iterable[str], overwrite:
 
 
 def prepare_output_folder(folder: str | Path, planned: Iterable[str], command: str, overwrite: bool,
-                          parameter: str = "--out") -> Path:
+                          parameter: str = "`out`") -> Path:
     """Make ``folder`` ready for a run that writes the ``planned`` files (paths relative to it).
 
     With ``overwrite`` the files of the previous run (its manifest) are deleted first; a planned

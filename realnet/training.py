@@ -127,7 +127,7 @@ class TrainingConfig:
     @property
     def size(self) -> tuple[int, int]:
         """``image_size`` as (height, width)."""
-        return parse_image_size(self.image_size, "--image-size")
+        return parse_image_size(self.image_size, "`image_size`")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,35 +185,35 @@ def total_iterations(config: TrainingConfig, recipe: Recipe, batches_per_epoch: 
     """Iterations of the run: ``iterations`` if given, else ``epochs`` (default 1000, the paper's) passes."""
     if config.iterations is not None:
         if config.iterations < 1:
-            raise InputError(f"--iterations: expected a positive number, got {config.iterations}")
+            raise InputError(f"`iterations`: expected a positive number, got {config.iterations}")
         return int(config.iterations)
     epochs = 1000 if config.epochs is None else int(config.epochs)
     if epochs < 1:
-        raise InputError(f"--epochs: expected a positive number, got {epochs}")
+        raise InputError(f"`epochs`: expected a positive number, got {epochs}")
     return epochs * batches_per_epoch
 
 
 def _validate_config(config: TrainingConfig) -> None:
     if config.batch_size is not None and config.batch_size < 1:
-        raise InputError(f"--batch-size: expected a positive number, got {config.batch_size}")
+        raise InputError(f"`batch_size`: expected a positive number, got {config.batch_size}")
     if config.select not in ("last", "best"):
-        raise InputError(f"--select: expected 'last' or 'best', got {config.select!r}")
+        raise InputError(f"`select`: expected 'last' or 'best', got {config.select!r}")
     check_mixed_precision(config.mixed_precision, config.cpu)
     if config.afs_batches < 1:
-        raise InputError(f"--afs-batches: expected a positive number, got {config.afs_batches}")
+        raise InputError(f"`afs_batches`: expected a positive number, got {config.afs_batches}")
     _check_image_size(config)
-    for flag, value in (("--num-workers", config.num_workers), ("--checkpoint-every", config.checkpoint_every),
-                        ("--validate-every", config.validate_every)):
+    for name, value in (("num_workers", config.num_workers), ("checkpoint_every", config.checkpoint_every),
+                        ("validate_every", config.validate_every)):
         if value < 0:  # `it % -1 == 0` would act at every iteration
-            raise InputError(f"{flag}: expected 0 or a positive number, got {value}")
+            raise InputError(f"`{name}`: expected 0 or a positive number, got {value}")
     if not 0.0 <= config.validation_fraction < 1.0:
-        raise InputError(f"--validation-fraction: expected a value in [0, 1), got {config.validation_fraction}")
+        raise InputError(f"`validation_fraction`: expected a value in [0, 1), got {config.validation_fraction}")
     if not 0.0 < config.threshold_fpr < 1.0:
-        raise InputError(f"--threshold-fpr: expected a value in (0, 1), got {config.threshold_fpr}")
+        raise InputError(f"`threshold_fpr`: expected a value in (0, 1), got {config.threshold_fpr}")
     if not Path(config.data).is_dir():
-        raise InputError(f"--data {config.data}: no such folder")
+        raise InputError(f"`data` {config.data}: no such folder")
     check_mask_threshold(config.mask_threshold)
-    separate_output(config.output, _input_paths(config), "--output")
+    separate_output(config.output, _input_paths(config), "`output`")
     check_model_kwargs(config.model_kwargs)
 
 
@@ -224,7 +224,7 @@ def _check_image_size(config: TrainingConfig) -> None:
     backbone = config.backbone or config.model_kwargs.get("backbone") or DEFAULT_BACKBONE
     layers = config.model_kwargs.get("layers") or DEFAULT_LAYERS
     stride = max(feature_strides(backbone, layers))
-    check_stride(config.size, stride, "--image-size", f"backbone {backbone} at layers {list(layers)}")
+    check_stride(config.size, stride, "`image_size`", f"backbone {backbone} at layers {list(layers)}")
 
 
 def _input_paths(config: TrainingConfig) -> list[Path]:
@@ -264,7 +264,7 @@ def _prepare_output(config: TrainingConfig) -> TrainingConfig:
         check_unrecorded_outputs(output, planned_outputs(config))
         return config
     if stored.get("status") == "finished":
-        raise InputError(f"--output {output}: this run already finished; pass --overwrite to train again")
+        raise InputError(f"`output` {output}: this run already finished; pass `overwrite=True` to train again")
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     settings = stored.get("training")
     if not isinstance(settings, dict) or not {"data", "source"} <= set(settings):
@@ -400,7 +400,7 @@ def _build_run(config: TrainingConfig, recipe: Recipe, accelerator, categories: 
     total = total_iterations(config, recipe, len(loader))
     validation = validation_set(categories, config.seed)
     if config.select == "best" and validation is None:
-        raise InputError("--select best: needs held-out training images (raise --validation-fraction or use --select last)")
+        raise InputError("`select='best'`: needs held-out training images (raise `validation_fraction` or use `select='last'`)")
     _start_run_folder(config, recipe, accelerator, total)
     model.to(accelerator.device)
     if resume_from is None:
@@ -459,7 +459,7 @@ def train(
     resume_from = resumable_checkpoint(config.output, accelerator.num_processes) if config.resume else None
     categories = load_category_data(config, recipe)
     if sum(len(c.train) for c in categories) == 0:
-        raise InputError(f"--data {config.data}: the training set is empty")
+        raise InputError(f"`data` {config.data}: the training set is empty")
     run = _build_run(config, recipe, accelerator, categories, resume_from)
 
     bar = tqdm(total=run.total, initial=run.progress.iteration, desc="train",

@@ -74,7 +74,7 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
     if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
         names = list(available_categories(config.data, config.dataset))
         if not names:
-            raise InputError(f"--data {config.data}: no categories found for dataset {config.dataset}")
+            raise InputError(f"`data` {config.data}: no categories found for dataset {config.dataset}")
     out = []
     for index, category in enumerate(names):
         # Masks are not needed for training; defective images under train/ are skipped below.
@@ -82,7 +82,7 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
                            allow_missing_masks=True, mask_threshold=config.mask_threshold)
         indices = [i for i, label in enumerate(split.labels) if label == 0]
         if not indices:
-            raise InputError(f"--data {config.data}: category {category!r} has no normal training images")
+            raise InputError(f"`data` {config.data}: category {category!r} has no normal training images")
         category = category or Path(config.data).resolve().name
         if config.max_train_images is not None:
             indices = indices[: config.max_train_images]

@@ -51,7 +51,7 @@ class _StrengthRangeCommand(TyperCommand):
 
 
 @app.command("generate", cls=_StrengthRangeCommand)
-@report_input_errors
+@report_input_errors(flags={"categories": "--category"})
 def generate_command(
     category: Annotated[Optional[list[str]], typer.Option(
         help="Category to generate (a name the model knows, e.g. bottle or mvtec-ad/bottle); repeat or comma-separate for several. "
@@ -118,7 +118,9 @@ def generate_command(
 
 
 @app.command("train")
-@report_input_errors
+@report_input_errors(flags={"data_dir": "--data", "output_dir": "--output", "max_steps": "--steps",
+                           "gradient_accumulation_steps": "--gradient-accumulation",
+                           "sample_inference_steps": "--sample-steps"})
 def train_command(
     data: Annotated[str, typer.Option("--data", help="Folder of normal images: <root>/<category>/train/good/* (MVTec style), "
                                       "<root>/<category>/* (one sub-folder per category) or one folder of images (one category).")],
@@ -203,7 +205,7 @@ def preview_command(
 
 
 @app.command("push")
-@report_input_errors
+@report_input_errors(flags={"staging_dir": "--stage-only", "stage_sia_dataset": "--stage-only"})
 def push_command(
     folder: Annotated[Path, typer.Argument(help="SIA folder to publish: the output of `sia generate` or of "
                                              "`sia convert-official` (<category>/* images + metadata.jsonl).")],
@@ -241,7 +243,8 @@ def push_command(
 
 
 @app.command("convert-official")
-@report_input_errors
+@report_input_errors(flags={"output_dir": "OUTPUT", "sample_size": "--image-size",
+                           "num_head_channels": "--head-channels"})
 def convert_official_command(
     source: Annotated[Path, typer.Argument(help="An official SDAS diffusion checkpoint (.pt / .pth.tar, e.g. the "
                                              "MVTec-AD epoch-240 EMA weights) or an official SIA folder "

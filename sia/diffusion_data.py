@@ -55,7 +55,7 @@ def _refuse_benchmark_without_normal_split(folder: Path) -> None:
     """
     found = [name for name in ANOMALY_SUBFOLDERS if (folder / name).is_dir()]
     if found:
-        raise InputError(f"--data {folder}: has {' and '.join(n + '/' for n in found)} but no train/good or train/ok; "
+        raise InputError(f"`data_dir` {folder}: has {' and '.join(n + '/' for n in found)} but no train/good or train/ok; "
                          "expected the normal images in train/good (or train/ok), or a folder of normal images only")
 
 
@@ -80,11 +80,11 @@ def discover_training_images(root: str | Path, categories: list[str] | None = No
     """Find the normal training images under `root`; returns (category names, images with class ids)."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"--data {root}: no such folder")
+        raise InputError(f"`data_dir` {root}: no such folder")
     # every name becomes a folder of `sia generate` and a class of the saved pipeline
-    categories = [path_component(c.strip(), "--categories") for c in categories or [] if c.strip()]
+    categories = [path_component(c.strip(), "`categories`") for c in categories or [] if c.strip()]
     if len(set(categories)) != len(categories):
-        raise InputError(f"--categories: duplicate names in {','.join(categories)}")
+        raise InputError(f"`categories`: duplicate names in {','.join(categories)}")
     own_split = any(root.joinpath(*parts).is_dir() for parts in NORMAL_TRAIN_SUBFOLDERS)
     if not own_split:  # else test/ and ground_truth/ would be taken for two categories
         _refuse_benchmark_without_normal_split(root)
@@ -96,7 +96,7 @@ def discover_training_images(root: str | Path, categories: list[str] | None = No
         if categories:
             missing = [c for c in categories if c not in subfolders]
             if missing:
-                raise InputError(f"--categories: no image folder for {', '.join(missing)} under {root} "
+                raise InputError(f"`categories`: no image folder for {', '.join(missing)} under {root} "
                                  f"(found: {', '.join(subfolders)})")
             names = categories
         else:
@@ -106,7 +106,7 @@ def discover_training_images(root: str | Path, categories: list[str] | None = No
         return names, items
 
     if len(categories) > 1:
-        raise InputError(f"--data {root}: a single image folder holds one category, but --categories names {len(categories)}")
+        raise InputError(f"`data_dir` {root}: a single image folder holds one category, but `categories` names {len(categories)}")
     name = categories[0] if categories else root.name
     return [name], [TrainingImage(path, 0) for path in _category_images(root)]
 

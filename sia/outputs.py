@@ -51,11 +51,11 @@ def check_replaceable(folder: Path, overwrite: bool, owned: Iterable[Path], para
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     if not overwrite:
-        raise InputError(f"{parameter} {folder}: folder is not empty (pass --overwrite to replace an earlier "
+        raise InputError(f"{parameter} {folder}: folder is not empty (pass `overwrite=True` to replace an earlier "
                          f"`{command}` output)")
     owned = set(owned)
     foreign = [p for p in files_under(folder) if p not in owned]
     if foreign:
         shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise InputError(f"{parameter} {folder}: --overwrite replaces only an earlier `{command}` output, but the "
+        raise InputError(f"{parameter} {folder}: `overwrite` replaces only an earlier `{command}` output, but the "
                          f"folder holds other files ({shown}); move them or choose another folder")

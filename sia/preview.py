@@ -43,10 +43,10 @@ def render_preview(
     ``seed + i``. Masks are redrawn until non-empty so every row shows an anomaly.
     """
     if n < 1:
-        raise InputError(f"--n: expected at least 1 row, got {n}")
+        raise InputError(f"`n`: expected at least 1 row, got {n}")
     if size < 16:
-        raise InputError(f"--size: expected at least 16 pixels, got {size}")
-    files = list_images(images, what="--images")
+        raise InputError(f"`size`: expected at least 16 pixels, got {size}")
+    files = list_images(images, what="`images`")
     synthesizer = AnomalySynthesizer(source, category=category, require_nonempty=True)
     grid = Image.new("RGB", (3 * size, HEADER_HEIGHT + n * size), "white")
     draw = ImageDraw.Draw(grid)
@@ -81,12 +81,12 @@ def save_preview(out: str | Path, overwrite: bool = False, **kwargs) -> Path:
     An existing ``out`` is an InputError unless ``overwrite`` is set; an ``out`` that is a folder,
     lies under a file, or lies inside the images or source folder is refused before rendering.
     """
-    out = writable_file_path(out, "--out")
+    out = writable_file_path(out, "`out`")
     if out.suffix.lower() != ".png":
-        raise InputError(f"--out {out}: expected a .png file name")
-    separate_output(out, [kwargs.get("images"), _source_folder(kwargs.get("source", ""))], "--out")
+        raise InputError(f"`out` {out}: expected a .png file name")
+    separate_output(out, [kwargs.get("images"), _source_folder(kwargs.get("source", ""))], "`out`")
     if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: file exists (use --overwrite to replace it)")
+        raise InputError(f"`out` {out}: file exists (pass `overwrite=True` to replace it)")
     image = render_preview(**kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -173,15 +173,15 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
     one that stopped before its first checkpoint). An output
     that equals, contains or lies inside one of `inputs` is refused, so clearing never deletes data.
     """
-    folder = writable_folder_path(folder, "--output")
-    separate_output(folder, inputs, "--output")
+    folder = writable_folder_path(folder, "`output`")
+    separate_output(folder, inputs, "`output`")
     if resume and overwrite:
-        raise InputError("--resume and --overwrite: give one of them, not both")
+        raise InputError("`resume` and `overwrite`: give one of them, not both")
     record = folder / layout.record
     if resume:
         if not record.is_file():
-            raise InputError(f"--resume {folder}: there is no training run to resume there (no {layout.record}); "
-                             "drop --resume to start one")
+            raise InputError(f"`resume` {folder}: there is no training run to resume there (no {layout.record}); "
+                             "drop `resume` to start one")
         return read_json_object(record, "training run record", advice="fix or delete it")
     present = layout.present(folder, layout.outputs)
     stopped_before_first_checkpoint = record.is_file() and not layout.present(folder, layout.results)
@@ -189,10 +189,11 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
         return None
     if record.is_file():
         status = _status(record)
-        hint = "--overwrite to start again" if status == "finished" else "--resume to continue it or --overwrite to start again"
-        raise InputError(f"--output {folder}: already holds a {status} training run ({', '.join(present)}); pass {hint}")
-    raise InputError(f"--output {folder}: holds {', '.join(present)} but no {layout.record} (not a training run "
-                     "folder); pass --overwrite or choose another folder")
+        hint = ("`overwrite=True` to start again" if status == "finished"
+                else "`resume=True` to continue it or `overwrite=True` to start again")
+        raise InputError(f"`output` {folder}: already holds a {status} training run ({', '.join(present)}); pass {hint}")
+    raise InputError(f"`output` {folder}: holds {', '.join(present)} but no {layout.record} (not a training run "
+                     "folder); pass `overwrite=True` or choose another folder")
 
 
 def _recorded_names(value: Any) -> bool:
@@ -261,9 +262,9 @@ def _status(record: Path) -> str:
 def check_mixed_precision(mode: str, cpu: bool) -> None:
     """One rule for both trainers: a known mode, and fp16 (which needs a GPU grad scaler) not with `cpu`."""
     if mode not in MIXED_PRECISION_MODES:
-        raise InputError(f"--mixed-precision: expected one of {', '.join(MIXED_PRECISION_MODES)}, got {mode!r}")
+        raise InputError(f"`mixed_precision`: expected one of {', '.join(MIXED_PRECISION_MODES)}, got {mode!r}")
     if mode == "fp16" and cpu:
-        raise InputError("--mixed-precision fp16: needs a GPU; use bf16 or no with --cpu")
+        raise InputError("`mixed_precision='fp16'`: needs a GPU; use bf16 or no with `cpu=True`")
 
 
 def make_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any):
@@ -275,7 +276,7 @@ def make_accelerator(mixed_precision: str, cpu: bool, **kwargs: Any):
         return Accelerator(mixed_precision=mixed_precision, cpu=cpu, **kwargs)
     except ValueError as err:  # e.g. fp16 on a machine without a GPU
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"--mixed-precision {mixed_precision}: {first}") from None
+        raise InputError(f"`mixed_precision` {mixed_precision}: {first}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def load_state(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing; the checkpoint is incomplete or from an older version, "
-                         "resume from another one or start again with --overwrite")
+                         "resume from another one or start again with `overwrite=True`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -368,7 +369,7 @@ def load_state(path: str | Path) -> Any:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{path}: not a valid checkpoint file ({reason}); delete that checkpoint or start "
-                         "again with --overwrite") from None
+                         "again with `overwrite=True`") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +439,8 @@ def resumable_checkpoint(run_dir: str | Path, num_processes: int) -> Path | None
     root = Path(run_dir) / CHECKPOINT_DIR
     legacy = sorted(p.name for p in root.glob("*/optimizer.bin")) if root.is_dir() else []
     if legacy:
-        raise InputError(f"--resume {run_dir}: {root} holds only checkpoints in an older, pickled format "
-                         f"({len(legacy)}), which are never loaded; start again with --overwrite")
+        raise InputError(f"`resume` {run_dir}: {root} holds only checkpoints in an older, pickled format "
+                         f"({len(legacy)}), which are never loaded; start again with `overwrite=True`")
     return None
 
 
@@ -501,7 +502,7 @@ def load_checkpoint(accelerator, folder: str | Path, model: torch.nn.Module, obj
 def check_same_processes(folder: Path, trainer_state: Mapping[str, Any], num_processes: int) -> None:
     stored = trainer_state.get("num_processes")
     if stored is not None and stored != num_processes:
-        raise InputError(f"--resume {folder.parent.parent}: checkpoint {folder.name} was trained with {stored} processes "
+        raise InputError(f"`resume` {folder.parent.parent}: checkpoint {folder.name} was trained with {stored} processes "
                          f"but this launch has {num_processes}; relaunch with {stored} (global batch and data order "
                          "depend on it) or start a new run")
 

@@ -125,10 +125,10 @@ class DiffusionTrainingConfig:
 
     def validate(self) -> None:
         if self.preset not in UNET_PRESETS:
-            raise InputError(f"--preset: unknown UNet preset {self.preset!r}; known: {', '.join(UNET_PRESETS)}")
+            raise InputError(f"`preset`: unknown UNet preset {self.preset!r}; known: {', '.join(UNET_PRESETS)}")
         check_mixed_precision(self.mixed_precision, self.cpu)
         if self.max_steps is not None and self.epochs is not None:
-            raise InputError("--steps and --epochs: give one of them, not both")
+            raise InputError("`max_steps` and `epochs`: give one of them, not both")
         positive = {"batch_size": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "learning_rate": self.learning_rate, "checkpoint_every": self.checkpoint_every,
                     "checkpoints_total_limit": self.checkpoints_total_limit, "log_every": self.log_every,
@@ -141,19 +141,19 @@ class DiffusionTrainingConfig:
             positive["image_size"] = self.image_size
         for name, value in positive.items():
             if not value > 0:
-                raise InputError(f"{name}: expected a positive number, got {value}")
+                raise InputError(f"`{name}`: expected a positive number, got {value}")
         if self.sample_inference_steps > NUM_TRAIN_TIMESTEPS:
             # Checked here so a run does not fail at its first sample grid, hours in.
-            raise InputError(f"sample_inference_steps: expected at most {NUM_TRAIN_TIMESTEPS} (the training timesteps), "
+            raise InputError(f"`sample_inference_steps`: expected at most {NUM_TRAIN_TIMESTEPS} (the training timesteps), "
                              f"got {self.sample_inference_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise InputError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay}")
+            raise InputError(f"`ema_decay`: expected a value in [0, 1), got {self.ema_decay}")
         if self.max_grad_norm < 0 or self.vb_weight < 0 or self.sample_every < 0 or self.num_workers < 0:
-            raise InputError("max_grad_norm, vb_weight, sample_every and num_workers must be >= 0")
+            raise InputError("`max_grad_norm`, `vb_weight`, `sample_every` and `num_workers` must be >= 0")
         if any(s < 0 for s in self.sample_strengths):
-            raise InputError(f"sample_strengths: expected values >= 0, got {list(self.sample_strengths)}")
+            raise InputError(f"`sample_strengths`: expected values >= 0, got {list(self.sample_strengths)}")
         if self.resume and self.overwrite:
-            raise InputError("--resume and --overwrite: give one of them, not both")
+            raise InputError("`resume` and `overwrite`: give one of them, not both")
 
     def resolved_image_size(self) -> int:
         return int(self.image_size or UNET_PRESETS[self.preset]["sample_size"])
@@ -223,7 +223,7 @@ def _prepare_output(config: DiffusionTrainingConfig, out: Path, num_processes: i
     new = json.loads(json.dumps(config.to_json_dict()))
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if changed:
-        raise InputError(f"--resume {out}: settings differ from the interrupted run: "
+        raise InputError(f"`resume` {out}: settings differ from the interrupted run: "
                          + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
     return resumable_checkpoint(out, num_processes)
 

@@ -24,7 +24,7 @@ def _hub_state_dict(repo_id: str) -> dict[str, torch.Tensor]:
             return UNet2DModel.from_pretrained(repo_id, subfolder=subfolder).state_dict()
         except Exception as err:  # not found / offline / wrong layout: try the next place
             errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-    raise InputError(f"--init-from {repo_id}: not a UNet2DModel folder, pipeline folder, weights file or "
+    raise InputError(f"`init_from` {repo_id}: not a UNet2DModel folder, pipeline folder, weights file or "
                      f"reachable Hub repo ({errors[-1]})")
 
 
@@ -39,7 +39,7 @@ def _folder_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             from diffusers import UNet2DModel
 
             return UNet2DModel.from_pretrained(base).state_dict()
-    raise InputError(f"--init-from {folder}: expected a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) "
+    raise InputError(f"`init_from` {folder}: expected a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors) "
                      "or a pipeline folder with unet/")
 
 
@@ -68,7 +68,7 @@ def load_init_state_dict(source: str, target_config: dict[str, Any]) -> dict[str
     if path.is_file():
         return _file_state_dict(path, target_config)
     if path.suffix in (".pt", ".pth", ".tar", ".safetensors", ".bin") or source.startswith((".", "/", "~")):
-        raise InputError(f"--init-from {source}: no such file or folder")
+        raise InputError(f"`init_from` {source}: no such file or folder")
     return _hub_state_dict(source)
 
 

@@ -146,10 +146,10 @@ def test_bad_checkpoints_are_one_line_input_errors(tmp_path):
 def test_head_width_and_image_size_are_refused_when_the_weights_do_not_tell():
     """A 32-wide checkpoint with 32-channel heads: the shapes are those of any head count, so no guess."""
     state = _official(head_channels=32).state_dict()
-    with pytest.raises(InputError, match=r"num_head_channels \(--head-channels\) or num_heads") as err:
+    with pytest.raises(InputError, match=r"pass `num_head_channels` or `num_heads`") as err:
         convert_adm_unet(state, sample_size=SIZE)
     assert "\n" not in str(err.value)
-    with pytest.raises(InputError, match=r"sample_size \(--image-size\)") as err:
+    with pytest.raises(InputError, match=r"pass `sample_size`") as err:
         convert_adm_unet(state, num_head_channels=32)
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="same width"):

@@ -291,7 +291,7 @@ def test_graded_masks_are_counted_in_a_one_line_warning(tmp_path, caplog):
         load_split(tmp_path, "mvtec-ad", "bottle", "test")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert "1 of 2 masks" in warnings[0] and "--mask-threshold 127" in warnings[0]
+    assert "1 of 2 masks" in warnings[0] and "`mask_threshold=127`" in warnings[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="realnet.data"):
         load_split(tmp_path, "mvtec-ad", "bottle", "test", mask_threshold=127)  # the user chose a threshold
@@ -323,7 +323,7 @@ def test_kolektor_labels_follow_the_mask_threshold(tmp_path):
 @pytest.mark.parametrize("value", [-1, 255, float("nan"), "127", True])
 def test_mask_threshold_out_of_range_is_an_error(tmp_path, value):
     make_mvtec(tmp_path)
-    with pytest.raises(InputError, match="mask-threshold"):
+    with pytest.raises(InputError, match="`mask_threshold`"):
         load_split(tmp_path, "mvtec-ad", "bottle", "test", mask_threshold=value)
 
 

@@ -155,7 +155,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(toy_data: Path, 
     assert training.latest_checkpoint(interrupted).name == "step_000002"
     assert not (interrupted / "pipeline").exists()
 
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="`resume=True`"):
         train_diffusion(_config(toy_data, interrupted, **settings))
     with pytest.raises(InputError, match="learning_rate"):
         train_diffusion(_config(toy_data, interrupted, resume=True, **{**settings, "learning_rate": 1e-3}))
@@ -192,7 +192,7 @@ def test_init_from_copies_matching_tensors_and_reports_skipped_keys(toy_data: Pa
     # EMA 0.9999 after one update: still the initialisation up to 1e-4 of one Adam step.
     assert torch.allclose(ema_unet["conv_in.weight"], source.conv_in.weight, atol=1e-5)
 
-    with pytest.raises(InputError, match="init-from"):
+    with pytest.raises(InputError, match="`init_from`"):
         train_diffusion(_config(toy_data, tmp_path / "bad", max_steps=1, init_from=str(tmp_path / "nothing.safetensors")))
 
 
@@ -321,7 +321,7 @@ def test_gradients_are_clipped_to_max_grad_norm_before_each_update(toy_data: Pat
 
 
 def test_fp16_on_the_cpu_is_refused_as_realnet_train_refuses_it(toy_data: Path, tmp_path: Path):
-    with pytest.raises(InputError, match="--mixed-precision fp16: needs a GPU") as info:
+    with pytest.raises(InputError, match="`mixed_precision='fp16'`: needs a GPU") as info:
         train_diffusion(_config(toy_data, tmp_path / "run", max_steps=1, mixed_precision="fp16", cpu=True))
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()
 

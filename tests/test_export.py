@@ -176,7 +176,7 @@ def test_overwrite_replaces_an_export_but_never_another_folder(model_dir, tmp_pa
     pytest.importorskip("onnxruntime")
     out = tmp_path / "export"
     export_model(model_dir, out, verify=False)
-    with pytest.raises(InputError, match="out .*not empty.*--overwrite"):
+    with pytest.raises(InputError, match="`out` .*not empty.*`overwrite=True`"):
         export_model(model_dir, out, verify=False)
     export_model(model_dir, out, image_size=(64, 64), overwrite=True, verify=False)
     assert read_manifest(out)["image_size"] == [64, 64]

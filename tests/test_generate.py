@@ -213,7 +213,7 @@ def test_bad_arguments_are_refused_before_the_folder_is_locked(model_dir, tmp_pa
 
 
 def test_steps_above_the_training_timesteps_name_the_limit(model_dir, tmp_path):
-    with pytest.raises(InputError, match=r"--steps must be at most 1000"):
+    with pytest.raises(InputError, match=r"`steps` must be at most 1000"):
         generate_dataset(model_dir, tmp_path, **{**COMMON, "steps": 1001})
 
 

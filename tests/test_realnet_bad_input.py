@@ -374,9 +374,27 @@ def test_eval_mask_threshold_is_applied_and_recorded_and_the_default_warns(model
         assert record["mask_threshold"] == float(threshold)
         metrics[threshold] = record["metrics"]["widget"]
     assert len(warnings["0"]) == 1 and "2 of 2 masks" in warnings["0"][0] and not warnings["127"]
+    assert "pass --mask-threshold 127 to binarise" in warnings["0"][0]  # the library's parameter, as the flag
     assert metrics["0"]["pixel_auroc"] != metrics["127"]["pixel_auroc"]  # the rim is defect only at > 0
 
 
 def test_python_dash_m_runs_the_realnet_cli():
     done = subprocess.run([sys.executable, "-m", "realnet.cli", "--help"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "predict" in done.stdout
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(data_root, tmp_path):
+    from realnet.training import TrainingConfig, train
+
+    config = TrainingConfig(data=str(data_root), output=str(tmp_path / "lib"), source="cutpaste", categories=["widget"],
+                            backbone="resnet18", model_kwargs={"backbone_pretrained": False, "no_such_setting": 1},
+                            image_size=64, iterations=1, cpu=True, progress=False)
+    with pytest.raises(InputError, match="^`model_kwargs` no_such_setting: unknown RealNet setting") as info:
+        train(config)
+    assert info.value.parameter == "model_kwargs" and "--" not in str(info.value)
+    result = runner.invoke(app, ["train", "--data", str(data_root), "--category", "widget", "--output",
+                                 str(tmp_path / "cli"), *TRAIN_ARGS, "--model-option", "no_such_setting=1"])
+    one_line_error(result, "Error: --model-option no_such_setting: unknown RealNet setting")
+    result = runner.invoke(app, ["train", "--data", str(data_root), "--category", "widget", "--output",
+                                 str(tmp_path / "cli"), *TRAIN_ARGS, "--select", "best", "--validation-fraction", "0"])
+    one_line_error(result, "--select best: needs held-out training images (raise --validation-fraction or use --select last)")

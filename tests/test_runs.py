@@ -135,7 +135,7 @@ def test_resume_needs_a_run_and_a_readable_record(tmp_path: Path):
 def test_a_run_with_results_is_never_replaced_silently(tmp_path: Path):
     (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
     (tmp_path / "config.json").write_text('{"status": "running"}')
-    with pytest.raises(InputError, match="running training run.*--resume to continue it or --overwrite"):
+    with pytest.raises(InputError, match="running training run.*`resume=True` to continue it or `overwrite=True`"):
         runs.open_run_folder(tmp_path, LAYOUT, resume=False, overwrite=False)
     (tmp_path / "config.json").write_text("{broken")  # a damaged record still protects the run
     with pytest.raises(InputError, match="unfinished training run"):
@@ -186,7 +186,7 @@ def test_an_edited_output_record_cannot_point_elsewhere(tmp_path: Path, entries)
 def test_one_mixed_precision_rule():
     runs.check_mixed_precision("bf16", cpu=True)
     runs.check_mixed_precision("fp16", cpu=False)
-    with pytest.raises(InputError, match="fp16: needs a GPU"):
+    with pytest.raises(InputError, match="`mixed_precision='fp16'`: needs a GPU"):
         runs.check_mixed_precision("fp16", cpu=True)
     with pytest.raises(InputError, match="expected one of no, fp16, bf16"):
         runs.check_mixed_precision("fp8", cpu=False)

@@ -251,7 +251,7 @@ def test_generate_warns_above_the_strength_range_and_refuses_nonsense(model_dir,
         assert not caplog.records
         generate_dataset(model_dir, tmp_path / "b", strength=11, **common)
         (warning,) = [r.getMessage() for r in caplog.records]
-        assert "--strength 11" in warning and "0.1-0.2" in warning and "\n" not in warning
+        assert "`strength` 11" in warning and "0.1-0.2" in warning and "\n" not in warning
         caplog.clear()
         generate_dataset(model_dir, tmp_path / "c", strength=0.2, sampler="ddim", **common)
         assert "0.01-0.03" in caplog.records[0].getMessage()
@@ -333,3 +333,34 @@ def test_stage_only_checks_the_repo_id(tmp_path):
     source = _generated(tmp_path / "gen", [])
     _refused(run("push", source, "--repo-id", "no-slash", "--stage-only", tmp_path / "stage"), "ORG/NAME")
     assert not (tmp_path / "stage").exists()
+
+
+def test_flags_replace_only_the_parameters_a_command_has():
+    from sia.errors import with_flags
+
+    flags, off_flags = {"out": "OUT", "overwrite": "--overwrite", "select": "--select", "verify": "--verify"}, \
+        {"verify": "--no-verify"}
+    message = "`out` /data/overwrite: pass `overwrite=True`, `select='last'` or `verify=False`; `seed` and `sia push` stay"
+    assert with_flags(message, flags, off_flags) == \
+        "OUT /data/overwrite: pass --overwrite, --select last or --no-verify; `seed` and `sia push` stay"
+    assert InputError(message).parameter == "out" and InputError("no parameter here").parameter is None
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(model_dir, tmp_path, caplog):
+    from sia.training import DiffusionTrainingConfig
+
+    with pytest.raises(InputError, match="^`num_images` must be at least 1, got 0$") as info:
+        generate_dataset(model_dir, tmp_path / "a", categories="bottle", num_images=0, steps=1, progress=False)
+    assert info.value.parameter == "num_images"
+    _refused(run("generate", "--model", model_dir, "--category", "bottle", "--num-images", "0", "--output",
+                 tmp_path / "b"), "Error: --num-images must be at least 1, got 0")
+    # a library name the command spells differently: `max_steps` is `sia train --steps`
+    with pytest.raises(InputError, match="^`max_steps` and `epochs`: give one of them"):
+        DiffusionTrainingConfig(data_dir=str(tmp_path), output_dir=str(tmp_path / "run"), max_steps=1, epochs=1).validate()
+    _refused(run("train", "--data", tmp_path, "--output", tmp_path / "run", "--steps", "1", "--epochs", "1"),
+             "Error: --steps and --epochs: give one of them")
+    with caplog.at_level(logging.WARNING, logger="sia.generate"):  # logged warnings name the flag as well
+        result = run("generate", "--model", model_dir, "--category", "bottle", "--num-images", "1", "--steps", "1",
+                     "--output", tmp_path / "c", "--strength", "11")
+    assert result.exit_code == 0, _text(result)
+    assert any("warning: --strength 11 is above" in r.getMessage() for r in caplog.records)
