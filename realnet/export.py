@@ -67,7 +67,7 @@ class InferenceGraph(nn.Module):
         return out.anomaly_map, out.image_score, out.rrs_indices
 
 
-def parse_batch(batch: str | int | None, what: str = "batch") -> int | None:
+def parse_batch(batch: str | int | None, what: str = "`batch`") -> int | None:
     """'dynamic' (or None) -> None; a positive whole number -> that fixed batch size."""
     if batch is None or (isinstance(batch, str) and batch.strip().lower() == "dynamic"):
         return None
@@ -77,7 +77,7 @@ def parse_batch(batch: str | int | None, what: str = "batch") -> int | None:
     return int(text)
 
 
-def check_format(format: str, what: str = "format") -> str:
+def check_format(format: str, what: str = "`format`") -> str:
     if not isinstance(format, str) or format.lower() not in EXPORT_FORMATS:
         raise InputError(f"{what}: unknown export format {format!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     return format.lower()
@@ -103,7 +103,7 @@ def _check_out(out: str | Path, overwrite: bool, what: str) -> Path:
     folder = writable_folder_path(out, what)
     if folder.is_dir() and any(folder.iterdir()):
         if not overwrite:
-            raise InputError(f"{what} {folder}: folder is not empty; pass --overwrite to replace an earlier export")
+            raise InputError(f"{what} {folder}: folder is not empty; pass `overwrite=True` to replace an earlier export")
         if not is_export_folder(folder):
             raise InputError(f"{what} {folder}: not an export folder (no {MANIFEST_NAME}); refusing to replace it")
     return folder
@@ -143,7 +143,7 @@ def _trace_onnx(graph: InferenceGraph, path: Path, size: tuple[int, int], batch:
 
 
 def _write_openvino(onnx_path: Path, folder: Path) -> None:
-    ov = import_runtime("openvino", "format openvino")
+    ov = import_runtime("openvino", "`format` openvino")
     # The runtime's ONNX reader gives the same graph as `convert_model`, many times faster.
     converted = ov.Core().read_model(str(onnx_path))
     # Keep float32 weights: OpenVINO would store them as float16 by default, which breaks parity.
@@ -212,16 +212,15 @@ def export_model(
     fmt = check_format(format)
     precision = check_precision(precision, fmt)
     fixed_batch = parse_batch(batch)
-    folder = _check_out(out, overwrite, "out")
-    import_runtime("onnx", f"format {fmt}")  # the exporter writes ONNX protobufs
+    folder = _check_out(out, overwrite, "`out`")
+    import_runtime("onnx", f"`format` {fmt}")  # the exporter writes ONNX protobufs
     if verify or fmt == "openvino":
-        import_runtime(RUNTIME_MODULES[fmt], f"format {fmt}")
-    net, thresholds, source = _load(model, "model")
-    size = trained_size(net) if image_size is None else parse_image_size(image_size, "image_size")
-    size = check_stride(size, model_stride(net), "image_size", "the model's backbone")  # a graph has one fixed size
+        import_runtime(RUNTIME_MODULES[fmt], f"`format` {fmt}")
+    net, thresholds, source = _load(model, "`model`")
+    size = trained_size(net) if image_size is None else parse_image_size(image_size, "`image_size`")
+    size = check_stride(size, model_stride(net), "`image_size`", "the model's backbone")  # a graph has one fixed size
     calibration = load_calibration_images(calibration_images, size) if precision == "int8" else None
     graph = InferenceGraph(copy.deepcopy(net).float().cpu().eval()).eval()
-    config = getattr(net, "config", None)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     building = folder.parent / f".{folder.name}.export-{os.getpid()}.tmp"
@@ -229,45 +228,9 @@ def export_model(
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
     try:
-        trace_folder = building / "trace"
-        trace_folder.mkdir()
-        traced = trace_folder / ONNX_FILE
-        _trace_onnx(graph, traced, size, fixed_batch, opset)
-        if fmt == "onnx":
-            _write_onnx(traced, building)
-        else:
-            _write_openvino(traced, building)
-            if calibration is not None:
-                quantize_openvino_graph(building / GRAPH_FILES["openvino"][0], calibration, INPUT_NAME, fixed_batch)
-        shutil.rmtree(trace_folder)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "format": fmt,
-            "files": sorted(p.name for p in building.iterdir()),
-            "image_size": [int(size[0]), int(size[1])],
-            "batch": fixed_batch,
-            "input": {
-                "name": INPUT_NAME,
-                "shape": [fixed_batch or "batch", 3, int(size[0]), int(size[1])],
-                "dtype": "float32",
-                "channels": "RGB",
-                "range": [0.0, 1.0],
-                "resize": "bilinear from the original image to image_size",
-            },
-            "outputs": {
-                "anomaly_map": "(B, 1, H, W) float32 anomaly probability in [0, 1]",
-                "image_score": f"(B,) float32 image score ({getattr(net, 'image_score_mode', 'pool16')})",
-                "rrs_indices": "(B, k_max + k_mean) int64 residual channels kept by RRS",
-            },
-            "thresholds": thresholds,
-            "model_config": json.loads(json.dumps(config, default=str)) if isinstance(config, dict) else None,
-            "source": source,
-            "opset": opset,
-            "precision": precision,
-            "calibration_images": None if calibration is None else len(calibration),
-            "producer": {"realnet": _realnet_version(), "torch": torch.__version__},
-            "verification": None,
-        }
+        _write_graph(graph, building, fmt, size, fixed_batch, opset, calibration)
+        manifest = _manifest(net, fmt, sorted(p.name for p in building.iterdir()), size, fixed_batch, thresholds,
+                             source, opset, precision, None if calibration is None else len(calibration))
         _write_json(building / MANIFEST_NAME, manifest)
         if verify:
             manifest["verification"] = _verify(graph, building, size, fixed_batch, strict=precision == "fp32")
@@ -279,6 +242,58 @@ def export_model(
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return folder
+
+
+def _write_graph(graph: InferenceGraph, folder: Path, fmt: str, size: tuple[int, int], batch: int | None,
+                 opset: int, calibration=None) -> None:
+    """Trace the graph to ONNX in a scratch sub-folder, then write it into `folder` in format `fmt`
+    (an OpenVINO graph quantised to int8 on the `calibration` images when given)."""
+    trace_folder = folder / "trace"
+    trace_folder.mkdir()
+    traced = trace_folder / ONNX_FILE
+    _trace_onnx(graph, traced, size, batch, opset)
+    if fmt == "onnx":
+        _write_onnx(traced, folder)
+    else:
+        _write_openvino(traced, folder)
+        if calibration is not None:
+            quantize_openvino_graph(folder / GRAPH_FILES["openvino"][0], calibration, INPUT_NAME, batch)
+    shutil.rmtree(trace_folder)
+
+
+def _manifest(net: nn.Module, fmt: str, files: list[str], size: tuple[int, int], batch: int | None,
+              thresholds: dict | None, source: str | None, opset: int, precision: str,
+              calibration_images: int | None) -> dict:
+    """What ``realnet_export.json`` records: the graph files, its input and outputs, thresholds and origin."""
+    config = getattr(net, "config", None)
+    return {
+        "format_version": FORMAT_VERSION,
+        "format": fmt,
+        "files": files,
+        "image_size": [int(size[0]), int(size[1])],
+        "batch": batch,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": [batch or "batch", 3, int(size[0]), int(size[1])],
+            "dtype": "float32",
+            "channels": "RGB",
+            "range": [0.0, 1.0],
+            "resize": "bilinear from the original image to image_size",
+        },
+        "outputs": {
+            "anomaly_map": "(B, 1, H, W) float32 anomaly probability in [0, 1]",
+            "image_score": f"(B,) float32 image score ({getattr(net, 'image_score_mode', 'pool16')})",
+            "rrs_indices": "(B, k_max + k_mean) int64 residual channels kept by RRS",
+        },
+        "thresholds": thresholds,
+        "model_config": json.loads(json.dumps(config, default=str)) if isinstance(config, dict) else None,
+        "source": source,
+        "opset": opset,
+        "precision": precision,
+        "calibration_images": calibration_images,
+        "producer": {"realnet": _realnet_version(), "torch": torch.__version__},
+        "verification": None,
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:

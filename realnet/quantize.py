@@ -24,7 +24,7 @@ NNCF_HINT = 'pip install "sia[export]"'
 DEFAULT_CALIBRATION_IMAGES = 300  # nncf's own default subset size
 
 
-def check_precision(precision: str, fmt: str, what: str = "precision") -> str:
+def check_precision(precision: str, fmt: str, what: str = "`precision`") -> str:
     """"fp32" or "int8" (int8 only for OpenVINO, the runtime NNCF quantises for); else a one-line InputError."""
     value = str(precision).strip().lower()
     if value not in PRECISIONS:
@@ -39,12 +39,12 @@ def import_nncf() -> Any:
     try:
         import nncf
     except ImportError:
-        raise MissingExtraError(f"precision int8: needs the 'nncf' package, which is not installed ({NNCF_HINT})") from None
+        raise MissingExtraError(f"`precision` int8: needs the 'nncf' package, which is not installed ({NNCF_HINT})") from None
     return nncf
 
 
 def load_calibration_images(images: Any, size: tuple[int, int], limit: int = DEFAULT_CALIBRATION_IMAGES,
-                            what: str = "calibration_images") -> np.ndarray:
+                            what: str = "`calibration_images`") -> np.ndarray:
     """Normal images for calibration as float32 (N, 3, H, W) in [0, 1] at the graph's size.
 
     ``images`` is a folder (its images, sorted, at most ``limit`` of them, resized bilinearly like
@@ -76,7 +76,7 @@ def quantize_openvino_graph(xml_path: Path, calibration: np.ndarray, input_name:
     step = batch or 1
     batches = [calibration[i : i + step] for i in range(0, len(calibration) - step + 1, step)]
     if not batches:
-        raise InputError(f"calibration_images: a graph with a fixed batch of {batch} needs at least {batch} images")
+        raise InputError(f"`calibration_images`: a graph with a fixed batch of {batch} needs at least {batch} images")
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset(batches, lambda item: {input_name: item})
     # RRS ranks residual channels and the discriminator turns them into probabilities: both are a

@@ -182,6 +182,54 @@ def adm_settings_from_metadata(metadata: Mapping[str, Any] | None) -> dict[str, 
     return found
 
 
+def _adm_levels(state_dict: Mapping[str, torch.Tensor], source: str) -> tuple[int, list[int], list[bool]]:
+    """(residual blocks per level, width of each level, whether each level has attention), read from
+    the ADM block layout; only ``resblock_updown=True`` models (resnets that up/downsample) map."""
+    inputs = _block_indices(state_dict, "input_blocks")
+    outputs = _block_indices(state_dict, "output_blocks")
+    up_blocks = [i for i in outputs
+                 if any(_is_resblock(state_dict, f"output_blocks.{i}.{j}") for j in (1, 2))]
+    levels = len(up_blocks) + 1
+    if len(outputs) % levels or len(inputs) != len(outputs):
+        raise InputError(f"{source}: unexpected ADM block layout ({len(inputs)} input blocks, "
+                         f"{len(outputs)} output blocks, {levels} levels)")
+    layers = len(outputs) // levels - 1
+    if layers < 1:
+        raise InputError(f"{source}: unexpected ADM block layout (no residual blocks per level)")
+
+    widths, attention = [], []
+    for level in range(levels):
+        first = 1 + level * (layers + 1)
+        prefix = f"input_blocks.{first}"
+        if not _is_resblock(state_dict, f"{prefix}.0"):
+            raise InputError(f"{source}: {prefix} is not a residual block; only ADM models with "
+                             "resblock_updown=True are supported")
+        widths.append(int(state_dict[f"{prefix}.0.out_layers.3.weight"].shape[0]))
+        attention.append(_is_attention(state_dict, f"{prefix}.1"))
+        if level < levels - 1 and not _is_resblock(state_dict, f"input_blocks.{first + layers}.0"):
+            raise InputError(f"{source}: input_blocks.{first + layers} is not a residual downsampling block; "
+                             "only ADM models with resblock_updown=True are supported")
+    return layers, widths, attention
+
+
+def _head_width(widths: list[int], attention: list[bool], num_head_channels: int | None, num_heads: int | None,
+                source: str) -> int:
+    """The attention head width `UNet2DModel` needs: ``num_head_channels``, or the one width every
+    attention layer (and the middle block) shares divided by ``num_heads``."""
+    attention_widths = {w for w, a in zip(widths, attention) if a} | {widths[-1]}
+    if num_head_channels is None:
+        if len(attention_widths) != 1:
+            raise InputError(f"{source}: num_heads maps onto UNet2DModel only when every attention layer has the same "
+                             f"width (widths {sorted(attention_widths)}); pass `num_head_channels`")
+        head_dim = next(iter(attention_widths)) // num_heads
+    else:
+        head_dim = num_head_channels
+    bad = sorted(w for w in attention_widths if w % head_dim)
+    if bad:
+        raise InputError(f"{source}: attention widths {bad} are not divisible by head width {head_dim}")
+    return head_dim
+
+
 def adm_unet_config(
     state_dict: Mapping[str, torch.Tensor],
     sample_size: int | None = None,
@@ -213,31 +261,7 @@ def adm_unet_config(
         raise InputError(f"{source}: the time embedding width differs from the first level width; "
                          "only channel_mult[0] == 1 maps onto UNet2DModel")
 
-    inputs = _block_indices(state_dict, "input_blocks")
-    outputs = _block_indices(state_dict, "output_blocks")
-    up_blocks = [i for i in outputs
-                 if any(_is_resblock(state_dict, f"output_blocks.{i}.{j}") for j in (1, 2))]
-    levels = len(up_blocks) + 1
-    if len(outputs) % levels or len(inputs) != len(outputs):
-        raise InputError(f"{source}: unexpected ADM block layout ({len(inputs)} input blocks, "
-                         f"{len(outputs)} output blocks, {levels} levels)")
-    layers = len(outputs) // levels - 1
-    if layers < 1:
-        raise InputError(f"{source}: unexpected ADM block layout (no residual blocks per level)")
-
-    widths, attention = [], []
-    for level in range(levels):
-        first = 1 + level * (layers + 1)
-        prefix = f"input_blocks.{first}"
-        if not _is_resblock(state_dict, f"{prefix}.0"):
-            raise InputError(f"{source}: {prefix} is not a residual block; only ADM models with "
-                             "resblock_updown=True are supported")
-        widths.append(int(state_dict[f"{prefix}.0.out_layers.3.weight"].shape[0]))
-        attention.append(_is_attention(state_dict, f"{prefix}.1"))
-        if level < levels - 1 and not _is_resblock(state_dict, f"input_blocks.{first + layers}.0"):
-            raise InputError(f"{source}: input_blocks.{first + layers} is not a residual downsampling block; "
-                             "only ADM models with resblock_updown=True are supported")
-
+    layers, widths, attention = _adm_levels(state_dict, source)
     emb_out = state_dict["input_blocks.1.0.emb_layers.1.weight"].shape[0]
     scale_shift = emb_out == 2 * widths[0]
     for width in set(widths):
@@ -253,24 +277,14 @@ def adm_unet_config(
         num_head_channels = fallback_head_channels
     if num_head_channels is None and num_heads is None:
         raise InputError(f"{source}: the attention head width is not stored in ADM weights (its qkv shape is the same "
-                         "for any head count) and the checkpoint has no arch entry for it; pass num_head_channels "
-                         "(--head-channels) or num_heads (--num-heads)")
+                         "for any head count) and the checkpoint has no arch entry for it; pass "
+                         "`num_head_channels` or `num_heads`")
     if sample_size is None:
         sample_size = known.get("sample_size")
     if sample_size is None:
         raise InputError(f"{source}: the image size is not stored in ADM weights (the UNet is fully convolutional) and "
-                         "the checkpoint has no arch entry for it; pass sample_size (--image-size)")
-    attention_widths = {w for w, a in zip(widths, attention) if a} | {widths[-1]}
-    if num_head_channels is None:
-        if len(attention_widths) != 1:
-            raise InputError(f"{source}: num_heads maps onto UNet2DModel only when every attention layer has the same "
-                             f"width (widths {sorted(attention_widths)}); pass num_head_channels (--head-channels)")
-        head_dim = next(iter(attention_widths)) // num_heads
-    else:
-        head_dim = num_head_channels
-    bad = sorted(w for w in attention_widths if w % head_dim)
-    if bad:
-        raise InputError(f"{source}: attention widths {bad} are not divisible by head width {head_dim}")
+                         "the checkpoint has no arch entry for it; pass `sample_size`")
+    head_dim = _head_width(widths, attention, num_head_channels, num_heads, source)
 
     down = tuple("AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention))
@@ -307,48 +321,8 @@ def adm_to_diffusers_state_dict(
 
     Every source key must be used exactly once; leftovers are reported as unexpected keys.
     """
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def take(src: str, dst: str, transform=None) -> None:
-        if src not in state_dict:
-            missing.append(src)
-            return
-        tensor = state_dict[src]
-        out[dst] = transform(tensor) if transform else tensor
-        used.add(src)
-
-    def take_optional(src: str, dst: str) -> None:
-        if src in state_dict:
-            take(src, dst)
-
-    def resnet(src: str, dst: str) -> None:
-        for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-                     ("out_layers.0", "norm2"), ("out_layers.3", "conv2")):
-            take(f"{src}.{a}.weight", f"{dst}.{b}.weight")
-            take(f"{src}.{a}.bias", f"{dst}.{b}.bias")
-        take_optional(f"{src}.skip_connection.weight", f"{dst}.conv_shortcut.weight")
-        take_optional(f"{src}.skip_connection.bias", f"{dst}.conv_shortcut.bias")
-
-    def attention(src: str, dst: str) -> None:
-        take(f"{src}.norm.weight", f"{dst}.group_norm.weight")
-        take(f"{src}.norm.bias", f"{dst}.group_norm.bias")
-        for kind in ("weight", "bias"):
-            key = f"{src}.qkv.{kind}"
-            if key not in state_dict:
-                missing.append(key)
-                continue
-            tensor = state_dict[key]
-            if kind == "weight":
-                tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
-            heads = (tensor.shape[0] // 3) // int(config["attention_head_dim"])
-            q, k, v = _legacy_qkv_to_qkv(tensor, heads)
-            out[f"{dst}.to_q.{kind}"], out[f"{dst}.to_k.{kind}"], out[f"{dst}.to_v.{kind}"] = q, k, v
-            used.add(key)
-        take(f"{src}.proj_out.weight", f"{dst}.to_out.0.weight", lambda w: w.reshape(w.shape[0], w.shape[1]))
-        take(f"{src}.proj_out.bias", f"{dst}.to_out.0.bias")
-
+    keys = _KeyMapper(state_dict, int(config["attention_head_dim"]))
+    take, resnet, attention = keys.take, keys.resnet, keys.attention
     take("input_blocks.0.0.weight", "conv_in.weight")
     take("input_blocks.0.0.bias", "conv_in.bias")
     take("time_embed.0.weight", "time_embedding.linear_1.weight")
@@ -390,10 +364,59 @@ def adm_to_diffusers_state_dict(
     take("out.2.weight", "conv_out.weight")
     take("out.2.bias", "conv_out.bias")
 
-    unexpected = sorted(set(state_dict) - used)
-    if missing or unexpected:
-        raise InputError(f"{source}: does not match the ADM layout: " + describe_key_mismatch(missing, unexpected, []))
-    return out
+    unexpected = sorted(set(state_dict) - keys.used)
+    if keys.missing or unexpected:
+        raise InputError(f"{source}: does not match the ADM layout: "
+                         + describe_key_mismatch(keys.missing, unexpected, []))
+    return keys.out
+
+
+class _KeyMapper:
+    """Moves ADM tensors to their `UNet2DModel` keys, noting which source keys were used and which were missing."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], attention_head_dim: int) -> None:
+        self.state_dict, self.attention_head_dim = state_dict, attention_head_dim
+        self.out: dict[str, torch.Tensor] = {}
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+
+    def take(self, src: str, dst: str, transform=None) -> None:
+        if src not in self.state_dict:
+            self.missing.append(src)
+            return
+        tensor = self.state_dict[src]
+        self.out[dst] = transform(tensor) if transform else tensor
+        self.used.add(src)
+
+    def take_optional(self, src: str, dst: str) -> None:
+        if src in self.state_dict:
+            self.take(src, dst)
+
+    def resnet(self, src: str, dst: str) -> None:
+        for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                     ("out_layers.0", "norm2"), ("out_layers.3", "conv2")):
+            self.take(f"{src}.{a}.weight", f"{dst}.{b}.weight")
+            self.take(f"{src}.{a}.bias", f"{dst}.{b}.bias")
+        self.take_optional(f"{src}.skip_connection.weight", f"{dst}.conv_shortcut.weight")
+        self.take_optional(f"{src}.skip_connection.bias", f"{dst}.conv_shortcut.bias")
+
+    def attention(self, src: str, dst: str) -> None:
+        self.take(f"{src}.norm.weight", f"{dst}.group_norm.weight")
+        self.take(f"{src}.norm.bias", f"{dst}.group_norm.bias")
+        for kind in ("weight", "bias"):
+            key = f"{src}.qkv.{kind}"
+            if key not in self.state_dict:
+                self.missing.append(key)
+                continue
+            tensor = self.state_dict[key]
+            if kind == "weight":
+                tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
+            heads = (tensor.shape[0] // 3) // self.attention_head_dim
+            q, k, v = _legacy_qkv_to_qkv(tensor, heads)
+            self.out[f"{dst}.to_q.{kind}"], self.out[f"{dst}.to_k.{kind}"], self.out[f"{dst}.to_v.{kind}"] = q, k, v
+            self.used.add(key)
+        self.take(f"{src}.proj_out.weight", f"{dst}.to_out.0.weight", lambda w: w.reshape(w.shape[0], w.shape[1]))
+        self.take(f"{src}.proj_out.bias", f"{dst}.to_out.0.bias")
 
 
 def convert_adm_unet(
@@ -444,9 +467,9 @@ def convert_official_sdas(
     the weights: when not given they come from the checkpoint's `arch` or the released layout,
     else the conversion is refused (see `adm_unet_config`).
     """
-    output_dir = writable_folder_path(output_dir, "output_dir")
-    separate_output(output_dir, [checkpoint], "output_dir")
-    check_replaceable(output_dir, overwrite, _pipeline_files(output_dir), "output_dir", "sia convert-official")
+    output_dir = writable_folder_path(output_dir, "`output_dir`")
+    separate_output(output_dir, [checkpoint], "`output_dir`")
+    check_replaceable(output_dir, overwrite, _pipeline_files(output_dir), "`output_dir`", "sia convert-official")
     state, metadata = load_official_checkpoint(checkpoint)
     unet = convert_adm_unet(state, sample_size=sample_size, num_head_channels=num_head_channels, num_heads=num_heads,
                             source=str(checkpoint), metadata=metadata)
@@ -515,15 +538,15 @@ def convert_official_sia(
     source = Path(source)
     if not source.is_dir():
         raise InputError(f"{source}: official SIA folder does not exist")
-    output_dir = writable_folder_path(output_dir, "output_dir")
-    separate_output(output_dir, [source], "output_dir")
+    output_dir = writable_folder_path(output_dir, "`output_dir`")
+    separate_output(output_dir, [source], "`output_dir`")
     folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if dataset is not None:
         dataset = resolve_dataset(dataset)
         unknown = [p.name for p in folders if p.name not in DATASET_CATEGORIES[dataset]]
         if unknown:
             raise InputError(f"{source}: folders {', '.join(unknown)} are not {dataset} categories")
-    check_replaceable(output_dir, overwrite, _converted_sia_files(output_dir), "output_dir", "sia convert-official")
+    check_replaceable(output_dir, overwrite, _converted_sia_files(output_dir), "`output_dir`", "sia convert-official")
     found = [(folder, sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
              for folder in folders]
     found = [(folder, files) for folder, files in found if files]

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +82,12 @@ def parse_strength(values: float | str | Sequence[float | str]) -> tuple[float, 
     try:
         numbers = tuple(float(p) for p in parts)
     except (TypeError, ValueError):
-        raise InputError(f"--strength expects one or two numbers, got {values!r}") from None
+        raise InputError(f"`strength` expects one or two numbers, got {values!r}") from None
     if len(numbers) not in (1, 2) or any(not (0 <= n < float("inf")) for n in numbers):
-        raise InputError(f"--strength expects one or two numbers >= 0, got {values!r}")
+        raise InputError(f"`strength` expects one or two numbers >= 0, got {values!r}")
     if len(numbers) == 2:
         if numbers[0] > numbers[1]:
-            raise InputError(f"--strength min must not exceed max, got {values!r}")
+            raise InputError(f"`strength` min must not exceed max, got {values!r}")
         if numbers[0] == numbers[1]:
             numbers = numbers[:1]
     return numbers
@@ -97,7 +98,7 @@ def strength_warning(strengths: Sequence[float], sampler: str) -> str | None:
     limit, usual = STRENGTH_WARN_ABOVE.get(sampler.lower(), (None, None))
     if limit is None or max(strengths) <= limit:
         return None
-    return (f"warning: --strength {max(strengths):g} is above the range the {sampler.lower()} sampler is meant for "
+    return (f"warning: `strength` {max(strengths):g} is above the range the {sampler.lower()} sampler is meant for "
             f"(official {usual}, warned above {limit:g}); the samples will hardly look like the product")
 
 
@@ -106,12 +107,12 @@ def parse_categories(values: str | Sequence[str]) -> list[str]:
     items = [values] if isinstance(values, str) else list(values)
     names = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
     if not names:
-        raise InputError("--category needs at least one category name")
+        raise InputError("`categories` needs at least one category name")
     return list(dict.fromkeys(names))
 
 
 def resolve_model(model: str | os.PathLike | None, categories: Sequence[str]) -> str:
-    """The `--model` to load: a folder or Hub id as given, or a benchmark's default SDAS pipeline.
+    """The model to load: a folder or Hub id as given, or a benchmark's default SDAS pipeline.
 
     ``None`` picks the default pipeline of the benchmark the categories belong to (``bottle`` ->
     MVTec AD); a benchmark name (``mvtec-ad``, ``visa``, ...) that is not a local folder does the same.
@@ -129,10 +130,10 @@ def resolve_model(model: str | os.PathLike | None, categories: Sequence[str]) ->
         try:
             datasets.add(resolve_category(name)[0])
         except InputError:
-            raise InputError(f"--model is needed for category {name!r}: it belongs to no benchmark with a default "
+            raise InputError(f"`model` is needed for category {name!r}: it belongs to no benchmark with a default "
                              "SDAS pipeline (train one with `sia train`)") from None
     if len(datasets) != 1:
-        raise InputError(f"--model is needed: the categories belong to several benchmarks ({', '.join(sorted(datasets))})")
+        raise InputError(f"`model` is needed: the categories belong to several benchmarks ({', '.join(sorted(datasets))})")
     return sdas_repo_id(datasets.pop())
 
 
@@ -144,19 +145,19 @@ def load_generation_pipeline(model: str | os.PathLike, revision: str | None = No
     says exactly which weights made it.
     """
     if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InputError(f"`dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(model)
     if path.is_dir():
         if revision is not None:
-            raise InputError(f"--revision applies to Hub ids only, but --model {model} is a local folder")
+            raise InputError(f"`revision` applies to Hub ids only, but `model` {model} is a local folder")
         if not (path / "model_index.json").is_file():
-            raise InputError(f"--model {model}: folder has no model_index.json (expected a saved SDASPipeline)")
+            raise InputError(f"`model` {model}: folder has no model_index.json (expected a saved SDASPipeline)")
         folder, model_id, resolved = path, str(path.resolve()), None
     else:
         try:
             folder = Path(SDASPipeline.download(str(model), revision=revision))
         except Exception as err:  # noqa: BLE001 - any hub/network failure means the same to the user
-            raise InputError(f"--model {model}: not a local folder and not loadable from the Hub ({type(err).__name__}); "
+            raise InputError(f"`model` {model}: not a local folder and not loadable from the Hub ({type(err).__name__}); "
                              "train a pipeline with `sia train` or convert the official checkpoint with "
                              "`sia convert-official`, then pass its folder") from None
         model_id = str(model)
@@ -189,7 +190,7 @@ def _check_settings(settings_path: Path, settings: dict, keys: Sequence[str] = S
     diffs = [f"{k}: existing {existing.get(k)!r} vs requested {settings[k]!r}"
              for k in keys if existing.get(k) != settings[k]]
     if diffs:
-        raise InputError(f"--output {settings_path.parent.parent} was generated with other settings ({'; '.join(diffs)}); "
+        raise InputError(f"`output` {settings_path.parent.parent} was generated with other settings ({'; '.join(diffs)}); "
                          "use a new folder or the same settings")
     return True
 
@@ -242,21 +243,67 @@ def generate_dataset(
     """
     from accelerate import PartialState
 
-    num_images, batch_size, steps = (whole_number(v, n, minimum=1) for n, v in
-                                     (("--num-images", num_images), ("--batch-size", batch_size), ("--steps", steps)))
-    seed = whole_number(seed, "--seed", minimum=0)
-    if seed + num_images - 1 > MAX_SEED:
-        raise InputError(f"--seed must be at most 2**64 - num_images, so that every seed + i fits a torch generator; "
-                         f"got {seed}")
+    num_images, batch_size, steps, seed = _checked_counts(num_images, batch_size, steps, seed)
     strengths = parse_strength(strength)
     names = parse_categories(categories)
     device = parse_device(device)
-    output = writable_folder_path(output, "--output")
+    output = writable_folder_path(output, "`output`")
     state = PartialState()
+    pipe, model_id, resolved_revision, names = _prepare_pipeline(model, names, output, revision, device or state.device,
+                                                                 dtype, sampler, strengths, steps, state)
+    settings = {"model": model_id, "revision": resolved_revision, "sampler": sampler.lower(), "steps": steps,
+                "strength": list(strengths), "seed": seed, "dtype": dtype}
+    _claim_folder(output / ".sia" / "settings.json", settings, state)
+
+    slots = _ImageSlots(output, num_images)
+    items = [(name, i) for name in names for i in range(num_images)]
+    mine = items[state.process_index::state.num_processes]
+    todo = [(n, i) for n, i in mine if not slots.done(n, i)]
+    slots.make_folders(names)
+    with saving_progress(len(todo), "sia generate", progress and state.is_main_process, on_image_saved) as saved:
+        generated = _sample_into(pipe, slots, todo, strengths, settings, batch_size, saved)
+
+    state.wait_for_everyone()
+    metadata = _rebuild_metadata(output) if state.is_main_process else None
+    state.wait_for_everyone()
+    return GenerationSummary(output=output, generated=generated, skipped=len(mine) - len(todo),
+                             total=len(items), metadata=metadata)
+
+
+@contextmanager
+def saving_progress(total: int, desc: str, enabled: bool, on_image_saved: Callable[[dict], None] | None = None):
+    """A progress bar over the images a run writes; yields the callback each written image's record
+    goes to (it advances the bar, then calls ``on_image_saved``)."""
+    with tqdm(total=total, desc=desc, unit="img", disable=not enabled) as bar:
+        def saved(record: dict) -> None:
+            bar.update()
+            if on_image_saved is not None:
+                on_image_saved(record)
+
+        yield saved
+
+
+def _checked_counts(num_images: int, batch_size: int, steps: int, seed: int) -> tuple[int, int, int, int]:
+    """The whole numbers of a run, checked; every ``seed + i`` must fit a torch generator."""
+    num_images, batch_size, steps = (whole_number(v, n, minimum=1) for n, v in
+                                     (("num_images", num_images), ("batch_size", batch_size), ("steps", steps)))
+    seed = whole_number(seed, "seed", minimum=0)
+    if seed + num_images - 1 > MAX_SEED:
+        raise InputError(f"`seed` must be at most 2**64 - `num_images`, so that every seed + i fits a torch generator; "
+                         f"got {seed}")
+    return num_images, batch_size, steps, seed
+
+
+def _prepare_pipeline(model: str | os.PathLike | None, names: list[str], output: Path, revision: str | None,
+                      device: torch.device | None, dtype: str, sampler: str, strengths: Sequence[float], steps: int,
+                      state) -> tuple[SDASPipeline, str, str | None, list[str]]:
+    """The loaded pipeline with its sampler set, its id and revision, and the categories as it names them.
+
+    ``steps`` and the category folders are checked against the model here, before anything is written."""
     model = resolve_model(model, names)
     if Path(model).is_dir():  # images written into the model folder would mix with its files
-        separate_output(output, [model], "--output")
-    pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device or state.device, dtype)
+        separate_output(output, [model], "`output`")
+    pipe, model_id, resolved_revision = load_generation_pipeline(model, revision, device, dtype)
     pipe.use_sampler(sampler)
     warning = strength_warning(strengths, sampler)
     if warning and state.is_main_process:
@@ -264,56 +311,64 @@ def generate_dataset(
     pipe.set_progress_bar_config(disable=True)
     max_steps = int(pipe.scheduler.config.num_train_timesteps)
     if steps > max_steps:
-        raise InputError(f"--steps must be at most {max_steps} (the model's num_train_timesteps), got {steps}")
+        raise InputError(f"`steps` must be at most {max_steps} (the model's num_train_timesteps), got {steps}")
     # De-duplicate after resolving: "bottle" and "mvtec-ad/bottle" are the same category.
     names = list(dict.fromkeys(pipe.categories[pipe.category_id(n)] for n in names))
-    for name in names:  # the pipeline holds plain names; a category folder must still stay in --output
-        inside(output, name, "--category")
+    for name in names:  # the pipeline holds plain names; a category folder must still stay in `output`
+        inside(output, name, "`categories`")
+    return pipe, model_id, resolved_revision, names
 
-    settings = {"model": model_id, "revision": resolved_revision, "sampler": sampler.lower(), "steps": steps,
-                "strength": list(strengths), "seed": seed, "dtype": dtype}
-    settings_path = output / ".sia" / "settings.json"
-    known = _check_settings(settings_path, settings)
+
+def _claim_folder(settings_path: Path, settings: dict, state, keys: Sequence[str] = SETTINGS_KEYS) -> None:
+    """Record this run's settings in a new folder (main process), or check them against the folder's."""
+    known = _check_settings(settings_path, settings, keys)
     if state.is_main_process and not known:
         settings_path.parent.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     state.wait_for_everyone()
-    _check_settings(settings_path, settings)
+    _check_settings(settings_path, settings, keys)
 
-    width = max(6, len(str(num_images - 1)))
-    items = [(name, i) for name in names for i in range(num_images)]
-    mine = items[state.process_index::state.num_processes]
 
-    def paths(name: str, index: int) -> tuple[Path, Path]:
-        stem = f"{index:0{width}d}"
-        return output / name / f"{stem}.png", output / ".sia" / "records" / name / f"{stem}.json"
+class _ImageSlots:
+    """Where image ``index`` of a category and its record go; an image is done when both exist."""
 
-    todo = [(n, i) for n, i in mine if not all(p.is_file() for p in paths(n, i))]
-    for name in names:
-        (output / name).mkdir(parents=True, exist_ok=True)
-        (output / ".sia" / "records" / name).mkdir(parents=True, exist_ok=True)
+    def __init__(self, output: Path, num_images: int) -> None:
+        self.output = output
+        self.width = max(6, len(str(num_images - 1)))
+
+    def paths(self, name: str, index: int) -> tuple[Path, Path]:
+        stem = f"{index:0{self.width}d}"
+        return self.output / name / f"{stem}.png", self.output / ".sia" / "records" / name / f"{stem}.json"
+
+    def done(self, name: str, index: int) -> bool:
+        return all(p.is_file() for p in self.paths(name, index))
+
+    def make_folders(self, names: Sequence[str]) -> None:
+        for name in names:
+            (self.output / name).mkdir(parents=True, exist_ok=True)
+            (self.output / ".sia" / "records" / name).mkdir(parents=True, exist_ok=True)
+
+
+def _sample_into(pipe: SDASPipeline, slots: _ImageSlots, todo: Sequence[tuple[str, int]], strengths: Sequence[float],
+                 settings: dict, batch_size: int, saved: Callable[[dict], None]) -> int:
+    """Sample the ``todo`` images in batches, image ``i`` from its own generator seeded ``seed + i``;
+    write each image and then its record (atomically). Returns how many were written."""
+    seed, steps = settings["seed"], settings["steps"]
     strength_arg = strengths[0] if len(strengths) == 1 else strengths
     generated = 0
-    with tqdm(total=len(todo), desc="sia generate", unit="img", disable=not (progress and state.is_main_process)) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in batch]
-            result = pipe(category=[n for n, _ in batch], strength=strength_arg, num_inference_steps=steps,
-                          generator=generators, output_type="pil")
-            for (name, index), image, s in zip(batch, result.images, result.strengths):
-                image_path, record_path = paths(name, index)
-                _write_atomic(image_path, lambda tmp, im=image: im.save(tmp, format="PNG"))
-                record = {"file_name": f"{name}/{image_path.name}", "category": name, "index": index,
-                          "strength": s, "seed": seed + index, "model": model_id, "revision": resolved_revision,
-                          "sampler": settings["sampler"], "steps": steps, "dtype": dtype}
-                _write_text_atomic(record_path, json.dumps(record, sort_keys=True))
-                generated += 1
-                bar.update()
-                if on_image_saved is not None:
-                    on_image_saved(record)
-
-    state.wait_for_everyone()
-    metadata = _rebuild_metadata(output) if state.is_main_process else None
-    state.wait_for_everyone()
-    return GenerationSummary(output=output, generated=generated, skipped=len(mine) - len(todo),
-                             total=len(items), metadata=metadata)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for _, i in batch]
+        result = pipe(category=[n for n, _ in batch], strength=strength_arg, num_inference_steps=steps,
+                      generator=generators, output_type="pil")
+        for (name, index), image, s in zip(batch, result.images, result.strengths):
+            image_path, record_path = slots.paths(name, index)
+            _write_atomic(image_path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            record = {"file_name": f"{name}/{image_path.name}", "category": name, "index": index,
+                      "strength": s, "seed": seed + index, "model": settings["model"],
+                      "revision": settings["revision"], "sampler": settings["sampler"], "steps": steps,
+                      "dtype": settings["dtype"]}
+            _write_text_atomic(record_path, json.dumps(record, sort_keys=True))
+            generated += 1
+            saved(record)
+    return generated

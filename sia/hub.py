@@ -502,29 +502,16 @@ def stage_sia_dataset(
         raise InputError(f"{source}: SIA folder does not exist")
     if _folder_kind(source) == "parquet":
         raise InputError(f"{source}: already in parquet layout; upload it as it is")
-    writable_folder_path(staging, "staging_dir")
-    separate_output(staging, [source], "staging_dir")
-    check_replaceable(staging, overwrite, _staged_files(staging), "staging_dir", "sia push --stage-only")
+    writable_folder_path(staging, "`staging_dir`")
+    separate_output(staging, [source], "`staging_dir`")
+    check_replaceable(staging, overwrite, _staged_files(staging), "`staging_dir`", "sia push --stage-only")
     records = _records(source)
     by_category: dict[str, list[_Record]] = {}
     for record in records:
         by_category.setdefault(record.category, []).append(record)
-    if dataset is None:
-        dataset = _guess_dataset(by_category)
-    else:
-        try:
-            dataset = resolve_dataset(dataset)
-        except InputError:
-            pass  # a custom data set: its name is used as given
+    dataset = _guess_dataset(by_category) if dataset is None else _named_dataset(dataset)
     if generation is None:
-        # `sia convert-official` writes generation.json, `sia generate` writes .sia/settings.json
-        for candidate in (source / "generation.json", source / ".sia" / "settings.json"):
-            if candidate.is_file():
-                try:
-                    generation = json.loads(candidate.read_text(encoding="utf-8"))
-                except json.JSONDecodeError:
-                    raise InputError(f"{candidate}: not valid JSON") from None
-                break
+        generation = _stored_generation(source)
 
     has_mask = any(r.mask is not None for r in records)
     limit = _parse_size(max_shard_size)
@@ -550,6 +537,26 @@ def stage_sia_dataset(
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return staging
+
+
+def _named_dataset(dataset: str) -> str:
+    """A benchmark's canonical name; a custom data set's name as given."""
+    try:
+        return resolve_dataset(dataset)
+    except InputError:
+        return dataset
+
+
+def _stored_generation(source: Path) -> Any:
+    """The generation settings an SIA folder keeps, if any: `sia convert-official` writes
+    generation.json, `sia generate` writes .sia/settings.json."""
+    for candidate in (source / "generation.json", source / ".sia" / "settings.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise InputError(f"{candidate}: not valid JSON") from None
+    return None
 
 
 def _staged_files(folder: Path) -> list[Path]:
@@ -616,7 +623,7 @@ def push_sia_dataset(
     if not _looks_like_repo_id(repo_id):
         raise InputError(f"repo_id {repo_id!r}: expected ORG/NAME")
     offline = InputError(f"repo_id {repo_id}: cannot upload while HF_HUB_OFFLINE is set; unset it, or build the "
-                         "upload locally with --stage-only")
+                         "upload locally with `stage_sia_dataset`")
     if huggingface_hub.constants.HF_HUB_OFFLINE:  # known before staging, which can take long
         raise offline
     with tempfile.TemporaryDirectory(prefix="sia-push-") as tmp:

@@ -266,15 +266,8 @@ class SDASInpaintPipeline(SDASPipeline):
             raise InputError("pass either start_timestep or denoising_strength, not both")
         if denoising_strength is None:
             denoising_strength = DEFAULT_DENOISING_STRENGTH
-        images = [_image_tensor(im, i) for i, im in enumerate(_as_list(image, "image"))]
-        if len({tuple(im.shape) for im in images}) != 1:
-            raise InputError("image: all images must have the same size; resize them first")
-        clean = torch.stack(images)
-        total, _, height, width = clean.shape
-        factor = 2 ** (len(getattr(self.unet.config, "block_out_channels", (0,))) - 1)
-        if height % factor or width % factor:
-            raise InputError(f"image: size {height}x{width} must be a multiple of {factor} on both sides for this UNet "
-                             f"(trained at {self.unet.config.sample_size})")
+        clean = self._checked_images(image)
+        total = clean.shape[0]
         masks = prepare_masks(mask_image, clean, mask_dilation)
         weights = feather_weights(masks, whole_number(mask_feather, "mask_feather", minimum=0))
         resamples = whole_number(resamples, "resamples", minimum=0)
@@ -282,10 +275,9 @@ class SDASInpaintPipeline(SDASPipeline):
             raise InputError(f"got {len(generator)} generators for {total} images; pass one per image or a single one")
         low, high = _strength_range(strength)
         batch_size = total if batch_size is None else whole_number(batch_size, "batch_size")
-        device, unet_dtype = self._execution_device, self.unet.dtype
+        device = self._execution_device
         labels = self._labels(category, total, device)
         timesteps = self._schedule(num_inference_steps, denoising_strength, start_timestep)
-        following = [int(t) for t in timesteps[1:]] + [-1]
 
         outputs, strengths = [], []
         starts = list(range(0, total, batch_size))
@@ -297,40 +289,65 @@ class SDASInpaintPipeline(SDASPipeline):
                 x0 = clean[start:stop].to(device) * 2 - 1
                 w = weights[start:stop].to(device)
                 batch_labels = None if labels is None else labels[start:stop]
-                shape = tuple(x0.shape)
-                x = self._noised(x0, int(timesteps[0]), gen)
-                step_strength = s.to(device=device, dtype=torch.float32)
-                for t, t_prev in zip(timesteps, following, strict=True):
-                    for round_ in range(resamples + 1):
-                        model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=batch_labels).sample
-                        x_prev = self.scheduler.step(model_output.float(), t, x, generator=gen,
-                                                     anomaly_strength=step_strength).prev_sample
-                        if t_prev >= 0 or round_ < resamples:  # the last result is composited once, below
-                            x_prev = w * x_prev + (1 - w) * self._noised(x0, t_prev, gen)
-                        if round_ < resamples:  # RePaint jump: diffuse one step forward again and redo it
-                            ratio = self._alpha_bar(int(t)) / self._alpha_bar(t_prev)
-                            noise = randn_tensor(shape, generator=gen, device=device, dtype=torch.float32)
-                            x = ratio ** 0.5 * x_prev + (1 - ratio) ** 0.5 * noise
-                        else:
-                            x = x_prev
-                        progress.update()
+                x = self._paint(x0, w, batch_labels, timesteps, resamples, gen,
+                                s.to(device=device, dtype=torch.float32), progress)
                 generated = (x / 2 + 0.5).clamp(0, 1).cpu()
                 original = clean[start:stop]
                 w_cpu = w.cpu()
                 outputs.append(torch.where(w_cpu > 0, w_cpu * generated + (1 - w_cpu) * original, original))
                 strengths.extend(s.tolist())
 
-        result = torch.cat(outputs)
-        mask_out = masks.float()
-        if output_type == "pt":
-            images_out, masks_out = result, mask_out
-        else:
-            images_out = result.permute(0, 2, 3, 1).numpy()
-            masks_out = mask_out.permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images_out = self.numpy_to_pil(images_out)
-                masks_out = [PIL.Image.fromarray((m[..., 0] * 255).astype(np.uint8), mode="L") for m in masks_out]
+        images_out, masks_out = self._as_output_type(torch.cat(outputs), masks.float(), output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images_out, masks_out, strengths)
         return SDASInpaintPipelineOutput(images=images_out, masks=masks_out, strengths=strengths)
+
+    def _checked_images(self, image) -> torch.Tensor:
+        """The images as one (B, 3, H, W) tensor in [0, 1]: all of one size, a multiple of the UNet's down factor."""
+        images = [_image_tensor(im, i) for i, im in enumerate(_as_list(image, "image"))]
+        if len({tuple(im.shape) for im in images}) != 1:
+            raise InputError("image: all images must have the same size; resize them first")
+        clean = torch.stack(images)
+        height, width = clean.shape[-2:]
+        factor = 2 ** (len(getattr(self.unet.config, "block_out_channels", (0,))) - 1)
+        if height % factor or width % factor:
+            raise InputError(f"image: size {height}x{width} must be a multiple of {factor} on both sides for this UNet "
+                             f"(trained at {self.unet.config.sample_size})")
+        return clean
+
+    def _paint(self, x0: torch.Tensor, w: torch.Tensor, labels: torch.Tensor | None, timesteps: torch.Tensor,
+               resamples: int, generator: GeneratorLike, step_strength: torch.Tensor, progress) -> torch.Tensor:
+        """Denoise one batch from ``x0`` noised to the first timestep; after every step the unmasked part
+        (weight ``1 - w``) is replaced by ``x0`` noised to the next one. ``resamples`` extra RePaint rounds
+        per step diffuse one step forward again and redo it."""
+        device, unet_dtype = self._execution_device, self.unet.dtype
+        following = [int(t) for t in timesteps[1:]] + [-1]
+        shape = tuple(x0.shape)
+        x = self._noised(x0, int(timesteps[0]), generator)
+        for t, t_prev in zip(timesteps, following, strict=True):
+            for round_ in range(resamples + 1):
+                model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
+                x_prev = self.scheduler.step(model_output.float(), t, x, generator=generator,
+                                             anomaly_strength=step_strength).prev_sample
+                if t_prev >= 0 or round_ < resamples:  # the last result is composited once, by the caller
+                    x_prev = w * x_prev + (1 - w) * self._noised(x0, t_prev, generator)
+                if round_ < resamples:  # RePaint jump: diffuse one step forward again and redo it
+                    ratio = self._alpha_bar(int(t)) / self._alpha_bar(t_prev)
+                    noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+                    x = ratio ** 0.5 * x_prev + (1 - ratio) ** 0.5 * noise
+                else:
+                    x = x_prev
+                progress.update()
+        return x
+
+    def _as_output_type(self, images: torch.Tensor, masks: torch.Tensor, output_type: str) -> tuple:
+        """(images, masks) as "pt" tensors, "np" (B, H, W, C) arrays or PIL images (masks: 8-bit L)."""
+        if output_type == "pt":
+            return images, masks
+        images_out = images.permute(0, 2, 3, 1).numpy()
+        masks_out = masks.permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            images_out = self.numpy_to_pil(images_out)
+            masks_out = [PIL.Image.fromarray((m[..., 0] * 255).astype(np.uint8), mode="L") for m in masks_out]
+        return images_out, masks_out

@@ -246,34 +246,12 @@ class SDASPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != total:
             raise InputError(f"got {len(generator)} generators for {total} images; pass one per image or a single one")
         low, high = _strength_range(strength)
-        channels = self.unet.config.in_channels
         size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        shape = (total, channels, *size)
-        if latents is not None:
-            if isinstance(latents, np.ndarray):
-                latents = torch.from_numpy(latents)
-            if not isinstance(latents, torch.Tensor):
-                raise InputError(f"latents must be a torch tensor or numpy array, got {type(latents).__name__}")
-            if tuple(latents.shape) != shape:
-                raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        shape = (total, self.unet.config.in_channels, *((size, size) if isinstance(size, int) else tuple(size)))
+        latents = _checked_latents(latents, shape)
         batch_size = total if batch_size is None else whole_number(batch_size, "batch_size")
-        num_inference_steps = whole_number(num_inference_steps, "num_inference_steps")
-        max_steps = self.scheduler.config.num_train_timesteps
-        if num_inference_steps > max_steps:
-            raise InputError(f"num_inference_steps must be at most the scheduler's num_train_timesteps ({max_steps}), "
-                             f"got {num_inference_steps}")
-
-        accepts_strength = "anomaly_strength" in inspect.signature(self.scheduler.step).parameters
-        if not accepts_strength and high > 0:
-            raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
-                             "use SDASScheduler or SDASDDIMScheduler")
-        device, unet_dtype = self._execution_device, self.unet.dtype
-        try:
-            self.scheduler.set_timesteps(num_inference_steps)
-        except ValueError as err:  # any other schedule diffusers cannot build
-            raise InputError(f"num_inference_steps {num_inference_steps}: {str(err).splitlines()[0]}") from None
-        timesteps = self.scheduler.timesteps
+        timesteps, accepts_strength = self._set_timesteps(num_inference_steps, high)
+        device = self._execution_device
 
         starts = list(range(0, total, batch_size))
         images, strengths = [], []
@@ -288,21 +266,61 @@ class SDASPipeline(DiffusionPipeline):
                 s = self._strengths(low, high, stop - start, gen)
                 labels = torch.tensor(class_ids[start:stop], device=device, dtype=torch.long)
                 step_kwargs = {"anomaly_strength": s.to(device=device, dtype=torch.float32)} if accepts_strength else {}
-                for t in timesteps:
-                    model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
-                    x = self.scheduler.step(model_output.float(), t, x, generator=gen, **step_kwargs).prev_sample
-                    progress.update()
+                x = self._denoise(x, labels, timesteps, gen, step_kwargs, progress)
                 images.append((x / 2 + 0.5).clamp(0, 1))
                 strengths.extend(s.tolist())
 
-        result = torch.cat(images)
-        if output_type == "pt":
-            output = result
-        else:
-            output = result.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                output = self.numpy_to_pil(output)
+        output = _as_output_type(torch.cat(images), output_type, self.numpy_to_pil)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output, strengths)
         return SDASPipelineOutput(images=output, strengths=strengths)
+
+    def _set_timesteps(self, num_inference_steps: int, high: float) -> tuple[torch.Tensor, bool]:
+        """The scheduler set to ``num_inference_steps`` respaced steps (checked against its training
+        timesteps), and whether its step takes an anomaly strength (required when ``high > 0``)."""
+        num_inference_steps = whole_number(num_inference_steps, "num_inference_steps")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > max_steps:
+            raise InputError(f"num_inference_steps must be at most the scheduler's num_train_timesteps ({max_steps}), "
+                             f"got {num_inference_steps}")
+        accepts_strength = "anomaly_strength" in inspect.signature(self.scheduler.step).parameters
+        if not accepts_strength and high > 0:
+            raise InputError(f"scheduler {type(self.scheduler).__name__} has no anomaly_strength; "
+                             "use SDASScheduler or SDASDDIMScheduler")
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+        except ValueError as err:  # any other schedule diffusers cannot build
+            raise InputError(f"num_inference_steps {num_inference_steps}: {str(err).splitlines()[0]}") from None
+        return self.scheduler.timesteps, accepts_strength
+
+    def _denoise(self, x: torch.Tensor, labels: torch.Tensor, timesteps: torch.Tensor, generator: GeneratorLike,
+                 step_kwargs: dict, progress) -> torch.Tensor:
+        """Run one batch from x_T through every timestep (UNet in its dtype, scheduler math in float32)."""
+        device, unet_dtype = self._execution_device, self.unet.dtype
+        for t in timesteps:
+            model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
+            x = self.scheduler.step(model_output.float(), t, x, generator=generator, **step_kwargs).prev_sample
+            progress.update()
+        return x
+
+
+def _checked_latents(latents: torch.Tensor | np.ndarray | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """``latents`` as a tensor of exactly ``shape`` (numpy arrays are wrapped), or None."""
+    if latents is None:
+        return None
+    if isinstance(latents, np.ndarray):
+        latents = torch.from_numpy(latents)
+    if not isinstance(latents, torch.Tensor):
+        raise InputError(f"latents must be a torch tensor or numpy array, got {type(latents).__name__}")
+    if tuple(latents.shape) != shape:
+        raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    return latents
+
+
+def _as_output_type(images: torch.Tensor, output_type: str, numpy_to_pil):
+    """(N, 3, H, W) images in [0, 1] as "pt" (as they are), "np" ((N, H, W, 3) on the CPU) or "pil"."""
+    if output_type == "pt":
+        return images
+    output = images.cpu().permute(0, 2, 3, 1).numpy()
+    return numpy_to_pil(output) if output_type == "pil" else output

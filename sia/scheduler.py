@@ -204,21 +204,7 @@ class SDASScheduler(DDPMScheduler):
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
 
-        if self.config.prediction_type == "epsilon":
-            pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        elif self.config.prediction_type == "sample":
-            pred_original_sample = model_output
-        elif self.config.prediction_type == "v_prediction":
-            pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        else:
-            raise InputError(f"prediction_type must be epsilon, sample or v_prediction, got {self.config.prediction_type!r}")
-
-        if self.config.thresholding:
-            pred_original_sample = self._threshold_sample(pred_original_sample)
-        elif self.config.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(-self.config.clip_sample_range,
-                                                              self.config.clip_sample_range)
-
+        pred_original_sample = self._predicted_original(model_output, sample, alpha_prod_t, beta_prod_t)
         pred_original_sample_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
         current_sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
         pred_prev_sample = pred_original_sample_coeff * pred_original_sample + current_sample_coeff * sample
@@ -242,6 +228,24 @@ class SDASScheduler(DDPMScheduler):
         if not return_dict:
             return (pred_prev_sample, pred_original_sample)
         return DDPMSchedulerOutput(prev_sample=pred_prev_sample, pred_original_sample=pred_original_sample)
+
+    def _predicted_original(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: torch.Tensor,
+                            beta_prod_t: torch.Tensor) -> torch.Tensor:
+        """x_0 predicted from the model output (as the parent: per prediction type, then thresholded or clipped)."""
+        if self.config.prediction_type == "epsilon":
+            pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        elif self.config.prediction_type == "sample":
+            pred_original_sample = model_output
+        elif self.config.prediction_type == "v_prediction":
+            pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        else:
+            raise InputError(f"prediction_type must be epsilon, sample or v_prediction, got {self.config.prediction_type!r}")
+
+        if self.config.thresholding:
+            return self._threshold_sample(pred_original_sample)
+        if self.config.clip_sample:
+            return pred_original_sample.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return pred_original_sample
 
 
 class SDASDDIMScheduler(DDIMScheduler):
