@@ -3,6 +3,7 @@ against local folders and a Hub-shaped cache), whatever the caller's environment
 fixtures that reset accelerate's process-wide state between runs in one process."""
 
 import os
+import sys
 
 import pytest
 
@@ -34,3 +35,26 @@ def fresh_accelerate(reset_accelerate):
     reset_accelerate()
     yield reset_accelerate
     reset_accelerate()
+
+
+_recorders: list[list[str]] = []
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _recorders and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(args[0]))
+        for recorder in _recorders:
+            recorder.append(path)
+
+
+@pytest.fixture
+def opened_files():
+    """Every path this process opens during the test (absolute): a Python audit hook sees each open
+    of every library, wherever it imported its reader from."""
+    if not getattr(_record_opens, "installed", False):
+        sys.addaudithook(_record_opens)  # hooks cannot be removed; it records only while a test asks
+        _record_opens.installed = True
+    paths: list[str] = []
+    _recorders.append(paths)
+    yield paths
+    _recorders.remove(paths)

