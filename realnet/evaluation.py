@@ -34,7 +34,7 @@ OVERLAYS_DIR = "overlays"
 
 
 def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
-    """``device`` checked against this machine (a one-line InputError naming --device, not a traceback
+    """``device`` checked against this machine (a one-line InputError naming `device`, not a traceback
     from the first ``.to(device)``); default: cuda if available, else cpu."""
     return parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -54,10 +54,10 @@ def resolve_model_path(model: str | Path) -> str:
         return str(path / MODEL_SUBDIR)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(f"--model {model}: folder has no config.json (expected a saved RealNet or a training output)")
+            raise InputError(f"`model` {model}: folder has no config.json (expected a saved RealNet or a training output)")
         return str(path)
     if path.exists() or str(model).startswith((".", "/")) or str(model).count("/") != 1:
-        raise InputError(f"--model {model}: no such model folder (expected a folder or a Hub id 'org/name')")
+        raise InputError(f"`model` {model}: no such model folder (expected a folder or a Hub id 'org/name')")
     return str(model)
 
 
@@ -75,7 +75,7 @@ def load_model(model: Any, device: Optional[str | torch.device] = None):
             raise
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"--model {model}: cannot load a RealNet ({first})") from None
+            raise InputError(f"`model` {model}: cannot load a RealNet ({first})") from None
     if device is not None:
         loaded = loaded.to(device)
     return loaded.eval()
@@ -207,19 +207,19 @@ def evaluate(
     check_batch_size(batch_size)
     folder = check_output_folder(out, overwrite) if out is not None else None
     if not Path(data).is_dir():
-        raise InputError(f"--data {data}: no such folder")
+        raise InputError(f"`data` {data}: no such folder")
     if folder is not None:
-        separate_output(folder, [data, local_model_folder(model)], "--out")
+        separate_output(folder, [data, local_model_folder(model)], "`out`")
     names = list(dict.fromkeys(categories)) or [None]
     if len(names) == 1 and isinstance(names[0], str) and names[0].lower() == "all":
         names = available_categories(data, dataset)
     for name in names:
         if name is not None:
-            path_component(name, "--category")
+            path_component(name, "`categories`")
     device = resolve_device(device)
     thresholds = load_thresholds(model)
     net = load_model(model, device=device)
-    size = inference_size(net, image_size, "--image-size")
+    size = inference_size(net, image_size)
     # Every split is read (and checked) before anything is written.
     splits = {}
     for category in names:
@@ -241,7 +241,7 @@ def evaluate(
         results[category] = metrics
         if folder is not None and overlays:
             pixel_threshold = thresholds.get("pixel_threshold") if thresholds else None
-            save_overlays(predictions, inside(folder, f"{OVERLAYS_DIR}/{category}", "--category"), pixel_threshold)
+            save_overlays(predictions, inside(folder, f"{OVERLAYS_DIR}/{category}", "`categories`"), pixel_threshold)
     if len(results) > 1:
         keys = ("image_auroc", "pixel_auroc", "pro")
         results["mean"] = {k: float(np.mean([r[k] for r in results.values()])) for k in keys}

@@ -56,8 +56,8 @@ def predict(
     before anything is written, so a corrupt file stops the run and leaves ``out`` untouched.
     """
     check_batch_size(batch_size)
-    image_threshold = finite_threshold(image_threshold, "--image-threshold")
-    pixel_threshold = finite_threshold(pixel_threshold, "--pixel-threshold")
+    image_threshold = finite_threshold(image_threshold, "`image_threshold`")
+    pixel_threshold = finite_threshold(pixel_threshold, "`pixel_threshold`")
     folder = check_output_folder(out, overwrite)
     images = collect_images(inputs)
     if is_export_folder(model):
@@ -66,15 +66,15 @@ def predict(
         from .evaluation import local_model_folder  # torch: never for an exported model
 
         model_folder = local_model_folder(model)
-    separate_output(folder, [*inputs, model_folder], "--out")
+    separate_output(folder, [*inputs, model_folder], "`out`")
     if is_export_folder(model):
         if device not in (None, "cpu"):
-            raise InputError(f"--device {device}: an exported model runs on the CPU (omit --device)")
+            raise InputError(f"`device` {device}: an exported model runs on the CPU (leave `device` out)")
         deployed = ExportedRealNet(model)
         stored, size, score_batch = deployed.thresholds, deployed.image_size, deployed.score_batch
-        if image_size is not None and parse_image_size(image_size, "--image-size") != tuple(size):
-            raise InputError(f"--image-size {format_image_size(parse_image_size(image_size))}: the export in {model} "
-                             f"runs at {format_image_size(size)} only (export again with realnet export --image-size)")
+        if image_size is not None and parse_image_size(image_size) != tuple(size):
+            raise InputError(f"`image_size` {format_image_size(parse_image_size(image_size))}: the export in {model} "
+                             f"runs at {format_image_size(size)} only (export it again at that `image_size`)")
     else:
         stored, size, score_batch = _torch_model(model, device, image_size)
     image_threshold = stored.get("image_threshold") if image_threshold is None else image_threshold
@@ -100,4 +100,4 @@ def _torch_model(model: Any, device: str | None, image_size: Any = None) -> tupl
         prediction = predict_batches(net, [torch.from_numpy(images)])
         return prediction.anomaly_map[:, 0].numpy(), prediction.image_score.numpy()
 
-    return stored, inference_size(net, image_size, "--image-size"), score_batch
+    return stored, inference_size(net, image_size), score_batch

@@ -173,4 +173,4 @@ def test_bad_inputs_are_one_line_errors_naming_the_parameter(pipe):
     _bad(pipe, r"^image 0: expected floats in \[0, 1\]", image=_images(2) * 255)
     _bad(pipe, "^strength must satisfy", strength=(0.3, 0.1))
     _bad(pipe, "^`resamples` must be at least 0", resamples=-1)
-    _bad(pipe, "^mask_feather must be a whole number", mask_feather=1.5)
+    _bad(pipe, "^`mask_feather` must be a whole number", mask_feather=1.5)

@@ -139,6 +139,7 @@ def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp
 
     monkeypatch.setattr(RealNet, "fit_feature_statistics", recording_fit)
     poisoned = poisoned_test_split(data_root, tmp_path / "data")
+    opened_files.clear()  # from here on: what training opens
     config = tiny_config(poisoned, tmp_path / "run", recipe="fast")
     model_dir = train(config)
     _assert_only_training_images_were_read(opened_files, poisoned / "widget")
@@ -294,6 +295,7 @@ def _assert_only_training_images_were_read(opened: list[str], category: Path) ->
 def test_best_checkpoint_is_chosen_on_held_out_training_images_never_on_test(data_root, tmp_path, monkeypatch,
                                                                             opened_files):
     data_root = poisoned_test_split(data_root, tmp_path / "data")
+    opened_files.clear()  # from here on: what training opens
     # the earlier validation scores higher, so "best" must differ from "last"
     original_metrics = realnet_training.validation_metrics
     scores = iter([0.9, 0.4])
