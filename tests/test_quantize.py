@@ -101,11 +101,11 @@ def test_float_export_records_fp32(model_dir, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"format": "onnx", "precision": "int8"}, "precision: int8 is available for format openvino"),
-        ({"format": "openvino", "precision": "int4"}, "precision: expected one of fp32, int8"),
-        ({"format": "openvino", "precision": "int8"}, "calibration_images: int8 needs normal images"),
+        ({"format": "onnx", "precision": "int8"}, "`precision`: int8 is available for format openvino"),
+        ({"format": "openvino", "precision": "int4"}, "`precision`: expected one of fp32, int8"),
+        ({"format": "openvino", "precision": "int8"}, "`calibration_images`: int8 needs normal images"),
         ({"format": "openvino", "precision": "int8", "calibration_images": np.zeros((2, 3, 8, 8), np.float32)},
-         "calibration_images: expected images (N, 3, 64, 96)"),
+         "`calibration_images`: expected images (N, 3, 64, 96)"),
     ],
 )
 def test_bad_int8_requests_are_one_line_errors_that_write_nothing(model_dir, tmp_path, kwargs, message):
