@@ -119,16 +119,16 @@ def get_preset(name: str | DemoPreset) -> DemoPreset:
         return name
     key = str(name).strip().lower()
     if key not in DEMO_PRESETS:
-        raise InputError(f"--preset {name!r}: unknown demo preset; known: {', '.join(DEMO_PRESETS)}")
+        raise InputError(f"`preset` {name!r}: unknown demo preset; known: {', '.join(DEMO_PRESETS)}")
     return DEMO_PRESETS[key]
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse a non-empty folder unless `overwrite`; then remove only what an earlier demo wrote."""
-    writable_folder_path(out, "--out")
+    writable_folder_path(out, "`out`")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise InputError(f"--out {out}: folder is not empty; pass --overwrite or choose another folder")
+            raise InputError(f"`out` {out}: folder is not empty; pass `overwrite=True` or choose another folder")
         for name in DEMO_OUTPUTS:
             target = out / name
             if target.is_dir():

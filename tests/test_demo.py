@@ -1,6 +1,5 @@
-"""`realnet demo` end to end with the `test` preset: every output exists, the summary reports the evaluation,
-no clobbering;
-`sia demo` starts it as its own process."""
+"""`realnet demo` end to end with the `test` preset: every output exists, the summary reports the
+evaluation, no clobbering; `sia demo` starts it as its own process."""
 
 from __future__ import annotations
 
