@@ -291,7 +291,7 @@ def convert_official_realnet(
         output_dir = Path(output_dir)
         if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
             raise InputError(f"{output_dir}: output folder is not empty (pass `overwrite=True`)")
-    from .image_size import check_stride, format_image_size, model_stride, parse_image_size
+    from .image_size import check_stride, model_stride, parse_image_size
 
     trained = parse_image_size(image_size, "`image_size`")
     image_size = trained[0] if trained[0] == trained[1] else list(trained)  # square sizes keep their one-number config
@@ -300,6 +300,17 @@ def convert_official_realnet(
     config = infer_realnet_config(state, metadata, backbone=backbone, image_size=image_size, source=source)
     model = RealNet(**config)
     check_stride(trained, model_stride(model), "`image_size`", f"the {config['backbone']} backbone")
+    model.load_state_dict(_official_state(model, state, config, source), strict=True)
+    model.eval()
+    if output_dir is not None:
+        _save_converted(model, output_dir, config, trained, Path(checkpoint).name, metadata, card_facts)
+    return model
+
+
+def _official_state(model, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], source: str) -> dict:
+    """The model's full state dict with the checkpoint's tensors in place; every key must match in
+    name and shape (mismatches are reported as the checkpoint spells them) and AFS indices must
+    name backbone channels."""
     mapped, unknown = _rename_official(state)
     expected = model.state_dict()
     layers, down, resblocks = _official_layer_names(model), _down_blocks(model), _resblock_paths(model)
@@ -322,22 +333,24 @@ def convert_official_realnet(
     full = dict(expected)
     full.update({k: v.to(expected[k].dtype) for k, v in mapped.items()})
     full["selector.ready"] = torch.tensor(True)
-    model.load_state_dict(full, strict=True)
-    model.eval()
+    return full
 
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(output_dir)
-        from .cards import write_realnet_card
 
-        facts = {
-            "backbone": config["backbone"], "image_size": format_image_size(trained),
-            "source": f"converted from the official RealNet checkpoint {Path(checkpoint).name}"
-                      + (f" (epoch {metadata['epoch']})" if "epoch" in metadata else ""),
-        }
-        if isinstance(metadata.get("best_metric"), (int, float)):
-            facts["training"] = {"official best_metric (mean of image and pixel AUROC on the test set)":
-                                 float(metadata["best_metric"])}
-        facts.update(card_facts or {})
-        write_realnet_card(output_dir, **facts)
-    return model
+def _save_converted(model, output_dir: Path, config: Mapping[str, Any], trained: tuple[int, int], checkpoint_name: str,
+                    metadata: Mapping[str, Any], card_facts: Mapping[str, Any] | None) -> None:
+    """Write the converted model folder: config, weights and a card saying where the weights came from."""
+    from .cards import write_realnet_card
+    from .image_size import format_image_size
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    facts = {
+        "backbone": config["backbone"], "image_size": format_image_size(trained),
+        "source": f"converted from the official RealNet checkpoint {checkpoint_name}"
+                  + (f" (epoch {metadata['epoch']})" if "epoch" in metadata else ""),
+    }
+    if isinstance(metadata.get("best_metric"), (int, float)):
+        facts["training"] = {"official best_metric (mean of image and pixel AUROC on the test set)":
+                             float(metadata["best_metric"])}
+    facts.update(card_facts or {})
+    write_realnet_card(output_dir, **facts)
