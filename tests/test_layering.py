@@ -79,3 +79,24 @@ def test_using_sia_never_loads_realnet(code):
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _readme_layout() -> str:
+    readme = (SIA.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    return section.split("```text", 1)[1].split("```", 1)[0]
+
+
+def test_readme_code_layout_names_every_module_and_no_other():
+    listed: dict[str, set[str]] = {}
+    package = None
+    for line in _readme_layout().splitlines():
+        if line and not line.startswith(" "):
+            package = line.split("/", 1)[0]
+            continue
+        if package in ("sia", "realnet"):
+            names = line.split("  ")[1] if line.startswith("  ") and not line.startswith("   ") else ""
+            listed.setdefault(package, set()).update(w for w in names.split() if w.endswith(".py"))
+    for package in ("sia", "realnet"):
+        modules = {p.name for p in (SIA.parent / package).glob("*.py") if p.name != "__init__.py"}
+        assert listed.get(package) == modules, f"README layout vs {package}/: {listed.get(package, set()) ^ modules}"
