@@ -152,15 +152,6 @@ class RunLayout:
     def present(self, folder: Path, names: Iterable[str]) -> list[str]:
         return [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
 
-    def clear(self, folder: Path) -> None:
-        """Delete what an earlier run wrote (only the layout's names, never anything else)."""
-        for name in self.outputs:
-            target = folder / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-
 
 def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, overwrite: bool,
                     inputs: Iterable[str | Path | None] = ()) -> dict[str, Any] | None:
@@ -168,9 +159,8 @@ def open_run_folder(folder: str | Path, layout: RunLayout, *, resume: bool, over
 
     Returns the stored run record when resuming, else None. Refuses (one-line InputError) to
     resume where there is no run, and to start over a run that holds results unless `overwrite`.
-    Nothing is deleted here: a new run calls `layout.clear(folder)`, or `clear_recorded_outputs`
-    when it records its outputs, once its inputs are checked (that removes an overwritten run, or
-    one that stopped before its first checkpoint). An output
+    Nothing is deleted here: a new run calls `clear_recorded_outputs` once its inputs are checked
+    (that removes an overwritten run, or one that stopped before its first checkpoint). An output
     that equals, contains or lies inside one of `inputs` is refused, so clearing never deletes data.
     """
     folder = writable_folder_path(folder, "`output`")

@@ -49,11 +49,14 @@ from .runs import (
     RunLayout,
     append_jsonl,
     check_mixed_precision,
+    check_unrecorded_outputs,
     checkpoint_step,
+    clear_recorded_outputs,
     latest_checkpoint,
     load_checkpoint,
     make_accelerator,
     open_run_folder,
+    record_run_outputs,
     resumable_checkpoint,
     save_checkpoint,
     trim_log,
@@ -219,6 +222,7 @@ def _prepare_output(config: DiffusionTrainingConfig, out: Path, num_processes: i
     old = open_run_folder(out, RUN_LAYOUT, resume=config.resume, overwrite=config.overwrite,
                           inputs=[config.data_dir, *init_folder])
     if old is None:
+        check_unrecorded_outputs(out, RUN_LAYOUT.outputs, "`output_dir`")
         return None
     new = json.loads(json.dumps(config.to_json_dict()))
     changed = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
@@ -229,11 +233,14 @@ def _prepare_output(config: DiffusionTrainingConfig, out: Path, num_processes: i
 
 
 def _start_run_folder(config: DiffusionTrainingConfig, accelerator, out: Path, resolved: dict[str, Any]) -> None:
-    """Clear an overwritten (or never checkpointed) run and write this run's settings."""
+    """Clear an overwritten (or never checkpointed) run, only what it recorded writing; record this run's
+    outputs and write its settings."""
     if accelerator.is_main_process:
         if not config.resume:
-            RUN_LAYOUT.clear(out)
+            clear_recorded_outputs(out)
         out.mkdir(parents=True, exist_ok=True)
+        if not config.resume:
+            record_run_outputs(out, RUN_LAYOUT.outputs, "sia train")
         write_json_atomic(out / RUN_LAYOUT.record, {**config.to_json_dict(), "resolved": resolved})
     accelerator.wait_for_everyone()
 

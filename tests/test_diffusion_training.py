@@ -222,6 +222,23 @@ def test_cli_train_writes_a_loadable_pipeline(toy_data: Path, tmp_path: Path):
     bad = CliRunner().invoke(app, args[:-1] + ["--mixed-precision", "fp8", "--overwrite"])
     assert bad.exit_code == 2 and "--mixed-precision" in bad.output
 
+    (out / "notes.txt").write_text("the user's own file")
+    rerun = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert rerun.exit_code == 0, rerun.output
+    assert (out / "notes.txt").read_text() == "the user's own file"  # --overwrite deletes only the run's files
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_a_run_never_replaces_what_no_run_recorded_writing(toy_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "mine.png").write_bytes(b"the user's picture")
+    with pytest.raises(InputError, match="not a training run folder"):
+        train_diffusion(_config(toy_data, out, max_steps=1))
+    with pytest.raises(InputError, match="would replace samples"):  # not even with overwrite
+        train_diffusion(_config(toy_data, out, max_steps=1, overwrite=True))
+    assert (out / "samples" / "mine.png").read_bytes() == b"the user's picture"
+
 
 def test_benchmark_folder_without_a_normal_split_is_refused(tmp_path: Path):
     for layout in ("category_root", "single"):

@@ -148,12 +148,13 @@ def test_a_run_with_results_is_never_replaced_silently(tmp_path: Path):
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_is_taken_over(tmp_path: Path):
+    runs.record_run_outputs(tmp_path, ["config.json", "train_log.jsonl", "checkpoints"], "a trainer")
     (tmp_path / "config.json").write_text('{"status": "running"}')
     (tmp_path / "train_log.jsonl").write_text('{"step": 1}\n')
     (tmp_path / "notes.txt").write_text("the user's own file")
     assert runs.open_run_folder(tmp_path, LAYOUT, resume=False, overwrite=False) is None
-    LAYOUT.clear(tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # only what the layout names is deleted
+    runs.clear_recorded_outputs(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # only what the run recorded is deleted
 
 
 def test_overwrite_deletes_only_the_recorded_outputs(tmp_path: Path):
