@@ -9,6 +9,8 @@ one anomaly generator per arm, the same budget and seeds for every arm:
   foreground preset;
 - ``sia-dtd-whole``: sia with the same DTD textures over the whole image (no foreground preset),
   which separates the effect of the foreground restriction from that of the generator;
+- ``sia-dtd-draem-opacity``: as ``sia-dtd-whole`` with DRAEM's blend strength: DRAEM keeps a share
+  beta ~ U(0.1, 1) of the image, so the texture's opacity is U(0, 0.9) instead of sia's U(0.2, 1);
 - ``sia-cutpaste``: sia with CutPaste (no texture data), same foreground preset;
 - ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``), when one is given.
 
@@ -53,7 +55,8 @@ DATASETS = {
     "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", "hazelnut-toy"),
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", "none"),
 }
-ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-cutpaste", "sia-folder")
+ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-dtd-draem-opacity", "sia-cutpaste", "sia-folder")
+DRAEM_OPACITY = (0.0, 0.9)  # 1 - beta for DRAEM's beta ~ U(0.1, 1)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -125,6 +128,8 @@ def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | Non
         use_sia(model, source=f"dtd:{DTD}", category=foreground, seed=seed)
     elif arm == "sia-dtd-whole":
         use_sia(model, source=f"dtd:{DTD}", category="none", seed=seed)
+    elif arm == "sia-dtd-draem-opacity":
+        use_sia(model, source=f"dtd:{DTD}", category="none", opacity=DRAEM_OPACITY, seed=seed)
     elif arm == "sia-cutpaste":
         use_sia(model, source="cutpaste", category=foreground, seed=seed)
     elif arm == "sia-folder":
@@ -190,9 +195,11 @@ def generator_of(arm: str, name: str, seed: int, sia_folder: str | None):
     foreground = DATASETS[name][2]
     if arm == "anomalib-perlin-dtd":
         return PerlinAnomalyGenerator(anomaly_source_path=str(DTD), blend_factor=(0.1, 1.0))  # Draem's default beta
-    source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-cutpaste": "cutpaste",
-              "sia-folder": f"sia:{sia_folder}"}[arm]
-    return SiaAnomalyGenerator(source, category="none" if arm == "sia-dtd-whole" else foreground, seed=seed)
+    source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-dtd-draem-opacity": f"dtd:{DTD}",
+              "sia-cutpaste": "cutpaste", "sia-folder": f"sia:{sia_folder}"}[arm]
+    whole = arm in ("sia-dtd-whole", "sia-dtd-draem-opacity")
+    opacity = DRAEM_OPACITY if arm == "sia-dtd-draem-opacity" else None
+    return SiaAnomalyGenerator(source, category="none" if whole else foreground, opacity=opacity, seed=seed)
 
 
 def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | None, draws: int = 8) -> list[dict]:
