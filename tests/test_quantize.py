@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -17,15 +16,10 @@ from sia.errors import InputError
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from test_export import SIZE, THRESHOLDS, real_looking, tiny_realnet
+import test_export  # noqa: E402
+from test_export import SIZE, THRESHOLDS, real_looking  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "model"
-    tiny_realnet().save_pretrained(folder)
-    (folder / "thresholds.json").write_text(json.dumps(THRESHOLDS))
-    return folder
+model_dir = test_export.model_dir  # the same saved tiny model, as a fixture of this module
 
 
 @pytest.fixture(scope="module")
