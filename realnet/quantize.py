@@ -53,7 +53,7 @@ def load_calibration_images(images: Any, size: tuple[int, int], limit: int = DEF
     if images is None:
         raise InputError(f"{what}: int8 needs normal images to calibrate on (a folder, e.g. the training images)")
     if isinstance(images, np.ndarray):
-        array = images
+        array = images[: max(1, int(limit))]
     else:
         from sia.images import list_images, load_image_tensor
 

@@ -98,7 +98,7 @@ class InpaintedSetSource:
         self.matched = self.painted = 0
         thumbs, keep = [], []
         for index in range(len(self.records)):
-            image, mask = self._load(index, None)
+            image, mask = self._read(index, None)  # full-size images are not kept: only their thumbnails
             thumbs.append(_thumbnails(image[None])[0])
             keep.append(1.0 - F.adaptive_max_pool2d(mask[None].float(), THUMBNAIL)[0])  # cells the defect never touches
         self._thumbs, self._keep = torch.stack(thumbs), torch.stack(keep)
@@ -113,15 +113,18 @@ class InpaintedSetSource:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
+        sample = self._cache[key] = self._read(index, size)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return sample
+
+    def _read(self, index: int, size: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[index]
         try:
             image = load_image_tensor(self.folder / record["file_name"], size=size)
             mask = load_mask(self.folder / record["mask_file_name"], size=size) > 0
         except (OSError, ValueError) as err:
             raise InputError(f"source sdas-inpaint:{self.folder}: cannot read sample {record['file_name']} ({err})") from None
-        self._cache[key] = (image, mask)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
         return image, mask
 
     def _choose(self, target: torch.Tensor, generator: torch.Generator | None) -> tuple[int, bool]:
