@@ -11,12 +11,16 @@ one anomaly generator per arm, the same budget and seeds for every arm:
   which separates the effect of the foreground restriction from that of the generator;
 - ``sia-dtd-draem-opacity``: as ``sia-dtd-whole`` with DRAEM's blend strength: DRAEM keeps a share
   beta ~ U(0.1, 1) of the image, so the texture's opacity is U(0, 0.9) instead of sia's U(0.2, 1);
+- ``sia-dtd-stock-area``: as ``sia-dtd-whole`` with the Perlin threshold lowered to 0.45, so that
+  the mean mask area matches the stock generator's (about 0.06 of the image instead of 0.04); it
+  tests whether the mask statistics are why the stock generator leads;
 - ``sia-cutpaste``: sia with CutPaste (no texture data), same foreground preset;
 - ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``), when one is given.
 
 Images are resized to ``--image-size`` without cropping. The test maps of the last model (raw
 DRAEM softmax maps, before anomalib's normalisation) are scored with ``realnet.metrics``: image
-AUROC, pixel AUROC and PRO (FPR up to 0.3). Each run is written to
+AUROC, pixel AUROC and PRO (FPR up to 0.3). With ``--eval-every N`` the same metrics are also taken
+every N optimiser steps during training (the run's ``curve``: accuracy vs steps). Each run is written to
 ``benchmarks/out/anomalib_generators_runs/<data>__<arm>__seed<N>.json`` as soon as it finishes, so
 an interrupted benchmark keeps what it measured and a rerun skips finished runs; ``--report``
 gathers them (mean ± sd over seeds) into ``benchmarks/out/anomalib_generators.{json,md}``.
@@ -55,8 +59,10 @@ DATASETS = {
     "hazelnut_toy": (SHARED / "hazelnut_toy", "folder", "hazelnut-toy"),
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", "none"),
 }
-ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-dtd-draem-opacity", "sia-cutpaste", "sia-folder")
+ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-dtd-draem-opacity", "sia-dtd-stock-area",
+        "sia-cutpaste", "sia-folder")
 DRAEM_OPACITY = (0.0, 0.9)  # 1 - beta for DRAEM's beta ~ U(0.1, 1)
+STOCK_AREA_THRESHOLD = 0.45  # sia's Perlin threshold whose mean mask area matches PerlinAnomalyGenerator's
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -117,23 +123,28 @@ def materialise(name: str, size: int) -> tuple[Path, dict]:
     return folder, stacked
 
 
+def sia_settings(arm: str, name: str, sia_folder: str | None) -> dict:
+    """The source, foreground and opacity of a sia arm (keywords of `use_sia` / `SiaAnomalyGenerator`)."""
+    from sia.synthesizer import AnomalySynthesizer
+
+    if arm == "sia-dtd-stock-area":  # a ready synthesizer fixes its own category and opacity
+        return {"source": AnomalySynthesizer(f"dtd:{DTD}", category="none", require_nonempty=True,
+                                             perlin_threshold=STOCK_AREA_THRESHOLD)}
+    source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-dtd-draem-opacity": f"dtd:{DTD}",
+              "sia-cutpaste": "cutpaste", "sia-folder": f"sia:{sia_folder}"}[arm]
+    whole = arm in ("sia-dtd-whole", "sia-dtd-draem-opacity")
+    return {"source": source, "category": "none" if whole else DATASETS[name][2],
+            "opacity": DRAEM_OPACITY if arm == "sia-dtd-draem-opacity" else None}
+
+
 def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | None):
     from anomalib.models import Draem
 
     from sia.anomalib import use_sia
 
-    foreground = DATASETS[name][2]
     model = Draem(dtd_dir=str(DTD), pre_processor=Draem.configure_pre_processor((size, size)), visualizer=False)
-    if arm == "sia-dtd":
-        use_sia(model, source=f"dtd:{DTD}", category=foreground, seed=seed)
-    elif arm == "sia-dtd-whole":
-        use_sia(model, source=f"dtd:{DTD}", category="none", seed=seed)
-    elif arm == "sia-dtd-draem-opacity":
-        use_sia(model, source=f"dtd:{DTD}", category="none", opacity=DRAEM_OPACITY, seed=seed)
-    elif arm == "sia-cutpaste":
-        use_sia(model, source="cutpaste", category=foreground, seed=seed)
-    elif arm == "sia-folder":
-        use_sia(model, source=f"sia:{sia_folder}", category=foreground, seed=seed)
+    if arm != "anomalib-perlin-dtd":
+        use_sia(model, seed=seed, **sia_settings(arm, name, sia_folder))
     return model
 
 
@@ -147,6 +158,28 @@ def raw_maps(model, images: torch.Tensor, batch_size: int = 8) -> tuple[np.ndarr
         maps.append(out.anomaly_map.reshape(len(out.anomaly_map), *images.shape[-2:]).float())
         scores.append(out.pred_score.reshape(-1).float())
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+
+
+def test_curve_callback(test: dict, every: int, curve: list[dict]):
+    """A Lightning callback that scores the test maps every ``every`` optimiser steps into ``curve``."""
+    from lightning.pytorch.callbacks import Callback
+
+    from realnet.metrics import evaluate_maps
+
+    class TestCurve(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if step % every or step >= trainer.max_steps:  # the final model is scored after fitting
+                return
+            start = time.perf_counter()
+            maps, scores = raw_maps(pl_module, test["images"])
+            pl_module.model.train()
+            metrics = evaluate_maps(maps, test["masks"], scores, test["labels"])
+            curve.append({"step": step, **{k: float(v) for k, v in metrics.items()},
+                          "eval_seconds": round(time.perf_counter() - start, 1)})
+            print(f"  step {step}: {curve[-1]}", flush=True)
+
+    return TestCurve()
 
 
 def run(name: str, arm: str, seed: int, args) -> dict:
@@ -166,16 +199,20 @@ def run(name: str, arm: str, seed: int, args) -> dict:
         val_split_mode="none", seed=seed,
     )
     run_dir = WORK / "engine" / f"{name}__{arm}__seed{seed}"
+    curve: list[dict] = []
+    callbacks = [ModelCheckpoint(dirpath=run_dir / "weights", save_top_k=0, save_last=False)]
+    if args.eval_every:
+        callbacks.append(test_curve_callback(test, args.eval_every, curve))
     engine = Engine(
         accelerator="cpu", devices=1, max_steps=args.steps, logger=False, default_root_dir=run_dir,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[ModelCheckpoint(dirpath=run_dir / "weights", save_top_k=0, save_last=False)],
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
     )
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - sum(point["eval_seconds"] for point in curve)
     maps, scores = raw_maps(model, test["images"])
     metrics = evaluate_maps(maps, test["masks"], scores, test["labels"])
+    curve.append({"step": args.steps, **{k: float(v) for k, v in metrics.items()}})
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "data": name, "arm": arm, "seed": seed, "image_size": args.image_size, "steps": args.steps,
@@ -183,6 +220,7 @@ def run(name: str, arm: str, seed: int, args) -> dict:
         "seconds_per_step": round(train_seconds / args.steps, 3),
         "generator": type(model.augmenter).__name__,
         **{k: float(v) for k, v in metrics.items()},
+        **({"curve": curve} if args.eval_every else {}),
     }
 
 
@@ -192,14 +230,9 @@ def generator_of(arm: str, name: str, seed: int, sia_folder: str | None):
 
     from sia.anomalib import SiaAnomalyGenerator
 
-    foreground = DATASETS[name][2]
     if arm == "anomalib-perlin-dtd":
         return PerlinAnomalyGenerator(anomaly_source_path=str(DTD), blend_factor=(0.1, 1.0))  # Draem's default beta
-    source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-dtd-draem-opacity": f"dtd:{DTD}",
-              "sia-cutpaste": "cutpaste", "sia-folder": f"sia:{sia_folder}"}[arm]
-    whole = arm in ("sia-dtd-whole", "sia-dtd-draem-opacity")
-    opacity = DRAEM_OPACITY if arm == "sia-dtd-draem-opacity" else None
-    return SiaAnomalyGenerator(source, category="none" if whole else foreground, opacity=opacity, seed=seed)
+    return SiaAnomalyGenerator(seed=seed, **sia_settings(arm, name, sia_folder))
 
 
 def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | None, draws: int = 8) -> list[dict]:
@@ -299,6 +332,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run (the budget)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="also score the test set every N steps (the accuracy-vs-steps curve; 0: only the final model)")
     parser.add_argument("--report", action="store_true", help="only gather finished runs into the table")
     parser.add_argument("--mask-stats", action="store_true",
                         help="only measure what each generator produces (anomalous share, area, change) on the training images")
