@@ -3,7 +3,8 @@
 Protocol of docs/performance-anchors.md: fp32, random weights, 15 classes (MVTec AD), one thread
 (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``, pinned with ``taskset -c 0`` when available),
 one process per row, peak RSS of that process. A "step" is one UNet forward plus one
-`SDASScheduler.step` (anomaly strength 0.15) at batch B: the unit the official figures use.
+`SDASScheduler.step` (anomaly strength 0.15) at batch B, with the UNet input laid out as the
+pipeline lays it out (`sia.unets.unet_input`): the unit the official figures use.
 Rows and what is timed:
 
 * small-64 (10 M params): median of 5 timed steps after 1 warm-up step;
@@ -46,7 +47,7 @@ def measure_row(preset: str, batch: int, warmup: int, timed: int) -> dict:
     import torch
 
     from sia.scheduler import SDASScheduler
-    from sia.unets import build_unet
+    from sia.unets import build_unet, unet_input
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def measure_row(preset: str, batch: int, warmup: int, timed: int) -> dict:
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps[: warmup + timed]):
             start, cpu_start = time.perf_counter(), time.process_time()
-            output = unet(x, t, class_labels=labels).sample
+            output = unet(unet_input(x, unet.dtype), t, class_labels=labels).sample
             x = scheduler.step(output, t, x, generator=generator, anomaly_strength=strength).prev_sample
             elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
             if i >= warmup:

@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError, whole_number
 from .images import ImageLike, _mask_values
 from .pipeline import GeneratorLike, SDASPipeline, _strength_range
+from .unets import unet_input
 
 __all__ = ["SDASInpaintPipeline", "SDASInpaintPipelineOutput", "feather_weights", "prepare_masks"]
 
@@ -327,7 +328,7 @@ class SDASInpaintPipeline(SDASPipeline):
         x = self._noised(x0, int(timesteps[0]), generator)
         for t, t_prev in zip(timesteps, following, strict=True):
             for round_ in range(resamples + 1):
-                model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
+                model_output = self.unet(unet_input(x, unet_dtype), t.to(device), class_labels=labels).sample
                 x_prev = self.scheduler.step(model_output.float(), t, x, generator=generator,
                                              anomaly_strength=step_strength).prev_sample
                 if t_prev >= 0 or round_ < resamples:  # the last result is composited once, by the caller

@@ -35,7 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .errors import InputError, whole_number
 from .paths import path_component
 from .scheduler import make_scheduler
-from .unets import build_unet
+from .unets import build_unet, unet_input
 
 __all__ = ["SDASPipeline", "SDASPipelineOutput"]
 
@@ -299,7 +299,7 @@ class SDASPipeline(DiffusionPipeline):
         """Run one batch from x_T through every timestep (UNet in its dtype, scheduler math in float32)."""
         device, unet_dtype = self._execution_device, self.unet.dtype
         for t in timesteps:
-            model_output = self.unet(x.to(unet_dtype), t.to(device), class_labels=labels).sample
+            model_output = self.unet(unet_input(x, unet_dtype), t.to(device), class_labels=labels).sample
             x = self.scheduler.step(model_output.float(), t, x, generator=generator, **step_kwargs).prev_sample
             progress.update()
         return x

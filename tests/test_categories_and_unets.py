@@ -5,7 +5,7 @@ import torch
 
 from sia.categories import DATASET_CATEGORIES, known_categories, resolve_category, resolve_dataset
 from sia.errors import InputError
-from sia.unets import UNET_PRESETS, build_unet, unet_config
+from sia.unets import UNET_PRESETS, build_unet, unet_config, unet_input
 
 
 def test_all_36_categories_resolve_both_ways():
@@ -81,3 +81,18 @@ def test_image_size_must_fit_the_down_factor():
         unet_config("small-64", 2, sample_size=100)
     with pytest.raises(InputError, match="known"):
         unet_config("huge", 2)
+
+
+def test_unet_input_is_channels_last_on_cpu_with_the_same_values_and_output():
+    """Sampling feeds the UNet channels-last on CPU (faster convolutions); only the layout may change."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny-32", num_classes=2, sample_size=16).eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    prepared = unet_input(x, torch.float32)
+    assert prepared.dtype == torch.float32 and prepared.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(prepared, x.float())
+    with torch.no_grad():
+        fast = unet(prepared, torch.tensor(10), class_labels=torch.tensor([0, 1])).sample
+        plain = unet(x.float(), torch.tensor(10), class_labels=torch.tensor([0, 1])).sample
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert unet_input(torch.zeros(2, 3, device="meta"), torch.float32).is_contiguous()  # not an image batch
