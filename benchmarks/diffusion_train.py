@@ -4,7 +4,8 @@ Protocol of docs/performance-anchors.md: fp32, random weights, 15 classes (MVTec
 preset (width 64, mult 1,2,2,2, ~10.7 M parameters) at batch 8 and 64x64, one thread
 (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``; run under ``taskset -c 0`` to pin it),
 2 warm-up steps, median of 7 timed steps. The step uses exactly the training loop's pieces
-(`sia.diffusion_loss.hybrid_loss`, multi-tensor Adam, `clip_grad_norm_(1.0)`, `EMAWeights`):
+(`sia.diffusion_loss.hybrid_loss`, `sia.training.make_adam` (fused on CPU), `clip_grad_norm_(1.0)`,
+`EMAWeights`):
 
 * forward+loss: draw t and noise, q(x_t | x_0), UNet forward, L_simple + L_vlb;
 * backward+clip: backward pass and gradient-norm clipping;
@@ -37,14 +38,14 @@ def measure() -> dict:
 
     from sia.diffusion_loss import DiffusionCoefficients, add_noise, hybrid_loss
     from sia.scheduler import SDASScheduler
-    from sia.training import EMAWeights
+    from sia.training import EMAWeights, make_adam
     from sia.unets import build_unet
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     unet = build_unet(PRESET, num_classes=NUM_CLASSES).train()
     ema = EMAWeights(unet, 0.9999)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4, foreach=True)
+    optimizer = make_adam(unet.parameters(), "cpu", lr=1e-4)
     coefficients = DiffusionCoefficients.from_scheduler(SDASScheduler())
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(0)

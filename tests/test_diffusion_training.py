@@ -378,3 +378,26 @@ def test_a_tampered_checkpoint_is_refused_without_running_code(toy_data: Path, t
     with pytest.raises(InputError, match="ema.safetensors: not a valid checkpoint file") as info:
         train_diffusion(_config(toy_data, out, max_steps=2, checkpoint_every=1, resume=True))
     assert "\n" not in str(info.value) and not (tmp_path / "planted.txt").exists()
+
+
+def test_cpu_adam_is_fused_and_follows_the_adam_formula():
+    """The fused CPU kernel must keep Adam's arithmetic (bias-corrected moments, weight decay in the gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2))
+    reference = [p.detach().clone() for p in model.parameters()]
+    optimizer = training.make_adam(model.parameters(), "cpu", lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+    assert optimizer.param_groups[0]["fused"] is True
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in reference]
+    for step in range(1, 6):
+        grads = [torch.randn(p.shape) for p in reference]
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        optimizer.step()
+        for i, (p, g) in enumerate(zip(reference, grads, strict=True)):
+            g = g + 0.1 * p
+            m, v = 0.8 * moments[i][0] + 0.2 * g, 0.99 * moments[i][1] + 0.01 * g * g
+            moments[i] = (m, v)
+            p -= 1e-2 * (m / (1 - 0.8**step)) / ((v / (1 - 0.99**step)).sqrt() + 1e-8)
+    for p, expected in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
+    assert training.make_adam(torch.nn.Linear(2, 2).parameters(), "meta", lr=1e-3).param_groups[0]["fused"] is None
