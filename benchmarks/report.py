@@ -122,6 +122,51 @@ def render_diffusion_train(data: dict) -> list[str]:
     return lines + _table(["part", "ours s", "official s", "speed-up"], rows)
 
 
+def _speedup(row: dict | None, reference: str) -> str:
+    cell = (row or {}).get("speedup_over", {}).get(reference)
+    return f"{cell[0]:.3f}x ({cell[1]:.2f}-{cell[2]:.2f})" if cell else "-"
+
+
+def render_sdas_profile(data: dict) -> list[str]:
+    sampling, training = data["sampling_step"], data["training_step"]
+    shares = [sampling["profile"]["classes"], training["profile"]["classes"]]
+    classes = list(dict.fromkeys([*shares[1], *shares[0]]))
+    rows = [[name] + [_fmt(100 * part[name]["share"], ".1f") + " %" if name in part else "-" for part in shares]
+            for name in classes]
+    regions = [sampling["profile"]["regions"], training["profile"]["regions"]]
+    ours = [sum(r["share"] for k, r in part.items() if "(ours)" in k) for part in regions]
+    rows.append(["**of which our code** (" + ", ".join(k.replace(" (ours)", "") for part in regions for k in part
+                                                   if "(ours)" in k) + ")"] + [f"{100 * v:.1f} %" for v in ours])
+    lines = [(f"Per op class, self CPU time under torch.profiler, {data.get('preset')} batch {data.get('batch')}, one "
+              "thread, random weights (`benchmarks/sdas_profile.py`). Sampling step = UNet forward + "
+              "SDASScheduler.step; training step = noise, forward, hybrid loss, backward, clip, Adam, EMA."), ""]
+    lines += _table(["op class", "sampling step", "training step"], rows) + [""]
+    anchor_name, same_name = "official-style ADM, anchors' architecture", "official-style ADM, same architecture"
+    forward, train, adam = sampling["ab_unet_forward"], training["ab_forward_loss_backward"], training["ab_adam"]
+    before, now = "ours, NCHW input (before)", "ours, channels-last input (now)"
+    lines += [(f"Same-process A/B, CPU time, variants alternated ABBA over {data.get('rounds')} rounds (the UNet "
+               "forward) or half as many (forward+loss+backward); speed-up = median of the per-round time ratios, "
+               "quartiles in brackets. \"official-style\" is the independent ADM of `tests/official_adm.py`, "
+               "which computes what the official guided-diffusion UNet computes, with the same torch ops."), ""]
+    lines += _table(["comparison", "speed-up"], [
+        ["sampling forward: channels-last input (now) over NCHW (before)", _speedup(forward.get(now), before)],
+        ["sampling forward: ours now over official-style, anchors' architecture", _speedup(forward.get(now), anchor_name)],
+        ["sampling forward: official-style, same architecture as ours, over anchors' architecture",
+         _speedup(forward.get(same_name), anchor_name)],
+        ["training forward+loss+backward: ours over official-style, anchors' architecture",
+         _speedup(train.get("ours"), anchor_name)],
+        ["training forward+loss+backward: official-style, same architecture as ours, over anchors' architecture",
+         _speedup(train.get(same_name), anchor_name)],
+        ["Adam step: fused (now) over the per-tensor loop (before)",
+         _speedup(adam.get("Adam, fused (now)"), "Adam, per-tensor loop (before)")],
+    ]) + [""]
+    arch = data.get("architectures", {})
+    lines += _table(["network", "params", "attention at (px, plus the middle block)", "head channels"],
+                    [[name, f"{a['params']:,}", ", ".join(map(str, a["attention_px"])), a["head_channels"]]
+                     for name, a in arch.items()])
+    return lines
+
+
 def render_realnet(data: dict) -> list[str]:
     rows = []
     for r in data.get("rows", []):
@@ -255,6 +300,8 @@ BENCHMARKS = [
     Benchmark("sdas", "SDAS sampling step", "sdas.py", "sdas.json", render_sdas, ((),)),
     Benchmark("diffusion_train", "SDAS diffusion training step", "diffusion_train.py", "diffusion_train.json",
               render_diffusion_train, ((),)),
+    Benchmark("sdas_profile", "SDAS steps: where the time goes", "sdas_profile.py", "sdas_profile.json",
+              render_sdas_profile, ((),)),
     Benchmark("realnet", "RealNet inference and training step", "realnet_speed.py", "realnet_speed.json", render_realnet,
               (("--quick",),)),
     Benchmark("realnet_deploy", "RealNet deployment: eager, channels-last, ONNX Runtime, OpenVINO", "realnet_speed.py",
