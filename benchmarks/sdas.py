@@ -16,7 +16,11 @@ Each row's process has a time limit; a row that exceeds it is reported as not me
 images/s assumes the official 20-step sampler: B / (20 x seconds per step). ``cpu s/step`` is the
 process CPU time of a step (one thread): on a shared machine it estimates the idle-core wall time.
 
-    .venv/bin/python benchmarks/sdas.py          # writes benchmarks/out/sdas.json
+    .venv/bin/python benchmarks/sdas.py                      # writes benchmarks/out/sdas.json
+    .venv/bin/python benchmarks/sdas.py --presets small-64   # re-measures those rows only
+
+With ``--presets`` the other presets' rows are kept from the existing JSON, each with the time it was
+measured (``measured_utc``), so the quick rows can be re-measured without the adm-256 minutes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROWS = [  # preset, batch, warm-up steps, timed steps, time limit of the row's process (s)
@@ -80,14 +85,37 @@ def measure_row(preset: str, batch: int, warmup: int, timed: int) -> dict:
     }
 
 
+def _kept_rows(out: Path, presets: set[str]) -> list[dict]:
+    """Rows of the other presets from an earlier run, stamped with when they were measured."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    written = datetime.fromtimestamp(out.stat().st_mtime, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [{"measured_utc": written, **row} for row in old.get("rows", []) if row.get("preset") not in presets]
+
+
 def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--row":
         print(json.dumps(measure_row(sys.argv[2], *map(int, sys.argv[3:]))))
         return
+    known = list(dict.fromkeys(row[0] for row in ROWS))
+    presets = set(known)
+    if len(sys.argv) == 3 and sys.argv[1] == "--presets":
+        presets = {p.strip() for p in sys.argv[2].split(",") if p.strip()}
+        if not presets or presets - set(known):
+            sys.exit(f"--presets: expected a comma-separated subset of {', '.join(known)}, got {sys.argv[2]!r}")
+    elif len(sys.argv) > 1:
+        sys.exit("usage: sdas.py [--presets small-64,adm-256]")
+    out = Path(__file__).parent / "out" / "sdas.json"
+    kept = _kept_rows(out, presets) if presets != set(known) else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     rows = []
     for preset, batch, warmup, timed, limit in ROWS:
+        if preset not in presets:
+            rows += [row for row in kept if (row.get("preset"), row.get("batch")) == (preset, batch)]
+            continue
         cmd = [*pin, sys.executable, __file__, "--row", preset, str(batch), str(warmup), str(timed)]
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=limit)
@@ -95,6 +123,7 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             row = {"preset": preset, "batch": batch, "not_measured": f"exceeded {limit} s (shared machine under load)"}
         row["official_seconds_per_step"] = ANCHORS.get((preset, batch))
+        row["measured_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         rows.append(row)
         print(f"measured {preset} batch {batch}: {row}", file=sys.stderr, flush=True)
 
@@ -108,7 +137,6 @@ def main() -> None:
         official = f"{r['official_seconds_per_step']:.2f}" if r["official_seconds_per_step"] else "-"
         print(f"{r['preset']:<9} {r['batch']:>5} {r['seconds_per_step']:>8.3f} {r['cpu_seconds_per_step']:>10.3f} {official:>8} "
               f"{r['images_per_s']:>17.4f} {r['seconds_per_image_20_steps']:>8.2f} {r['peak_rss_mib']:>13.1f}")
-    out = Path(__file__).parent / "out" / "sdas.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"machine": platform.machine(), "python": platform.python_version(), "threads": 1,
               "pinned": bool(pin), "load_average_at_end": os.getloadavg(), "rows": rows}
