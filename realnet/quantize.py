@@ -4,10 +4,10 @@ Deployment on CPUs and edge boxes usually runs int8: weights and activations of 
 and matrix products in 8 bits, about 4x less memory traffic. NNCF's post-training quantisation
 (``nncf.quantize``) needs no labels and no training, only a few hundred representative inputs to
 measure activation ranges: for an anomaly detector those are normal images, which every user has.
-The backbone and the reconstruction U-Nets (nearly all of the compute) run in int8; RRS and the
-discriminator stay float. The int8 graph no longer matches the float model to 1e-4, so its accuracy
-cost must be measured on real data with a trained model (``benchmarks/realnet_speed.py --int8``);
-its deviation from the float graph on the export check images is recorded in the manifest.
+The backbone and the reconstruction U-Nets (nearly all of the compute) run in int8; everything
+else (standardiser, AFS gather, residuals, RRS, discriminator, map and image score) stays float.
+The int8 graph no longer matches the float model to 1e-4, so its accuracy cost must be measured on
+real data with a trained model (``benchmarks/realnet_speed.py --int8-accuracy``); its deviation from the float graph on the export check images is recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ from sia.errors import InputError, MissingExtraError
 PRECISIONS = ("fp32", "int8")
 NNCF_HINT = 'pip install "sia[export]"'
 DEFAULT_CALIBRATION_IMAGES = 300  # nncf's own default subset size
+# Only the backbone and the reconstruction U-Nets run in int8: everything else stays float. The
+# residual is a small difference of two large tensors, so 8-bit features or reconstructions leave
+# mostly quantisation noise in it; RRS would rank that noise; and the map and image score are
+# probabilities whose 8-bit range, calibrated on normal images only, clips every anomaly to the
+# same score.
+FLOAT_PATTERN = r"^(?!.*/(backbone|recon/unets\.\d+)/).*"
 
 
 def check_precision(precision: str, fmt: str, what: str = "`precision`") -> str:
@@ -79,9 +85,7 @@ def quantize_openvino_graph(xml_path: Path, calibration: np.ndarray, input_name:
         raise InputError(f"`calibration_images`: a graph with a fixed batch of {batch} needs at least {batch} images")
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset(batches, lambda item: {input_name: item})
-    # RRS ranks residual channels and the discriminator turns them into probabilities: both are a
-    # sliver of the compute, and 8-bit noise there would reorder the top-k channels; they stay float.
-    keep_float = nncf.IgnoredScope(patterns=[r".*/rrs/.*", r".*/discriminator/.*"], validate=False)
+    keep_float = nncf.IgnoredScope(patterns=[FLOAT_PATTERN], validate=False)
     quantized = nncf.quantize(model, dataset, subset_size=len(batches), preset=nncf.QuantizationPreset.MIXED,
                               ignored_scope=keep_float)
     written = xml_path.with_name("int8-" + xml_path.name)  # the float .bin may still be mapped while saving
