@@ -15,7 +15,11 @@ one anomaly generator per arm, the same budget and seeds for every arm:
   the mean mask area matches the stock generator's (about 0.06 of the image instead of 0.04); it
   tests whether the mask statistics are why the stock generator leads;
 - ``sia-cutpaste``: sia with CutPaste (no texture data), same foreground preset;
-- ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``), when one is given.
+- ``sia-folder``: sia with an SIA folder (``--sia-folder DIR``: whole SDAS samples, blended by
+  Eq. 3 under Perlin masks), when one is given;
+- ``sia-incontext``: sia with a pre-generated in-context SDAS set (``--incontext-set DIR``, written
+  by ``sia generate --images`` into these very training images at this size), each defect with its
+  own mask, when one is given.
 
 Images are resized to ``--image-size`` without cropping. The test maps of the last model (raw
 DRAEM softmax maps, before anomalib's normalisation) are scored with ``realnet.metrics``: image
@@ -60,7 +64,8 @@ DATASETS = {
     "kolektorsdd": (SHARED / "kolektorsdd", "kolektorsdd", "none"),
 }
 ARMS = ("anomalib-perlin-dtd", "sia-dtd", "sia-dtd-whole", "sia-dtd-draem-opacity", "sia-dtd-stock-area",
-        "sia-cutpaste", "sia-folder")
+        "sia-cutpaste", "sia-folder", "sia-incontext")
+GIVEN_SETS = {"sia-folder": "sia_folder", "sia-incontext": "incontext_set"}  # arm -> the argument naming its data
 DRAEM_OPACITY = (0.0, 0.9)  # 1 - beta for DRAEM's beta ~ U(0.1, 1)
 STOCK_AREA_THRESHOLD = 0.45  # sia's Perlin threshold whose mean mask area matches PerlinAnomalyGenerator's
 
@@ -123,28 +128,32 @@ def materialise(name: str, size: int) -> tuple[Path, dict]:
     return folder, stacked
 
 
-def sia_settings(arm: str, name: str, sia_folder: str | None) -> dict:
+def sia_settings(arm: str, name: str, sia_folder: str | None, incontext_set: str | None = None) -> dict:
     """The source, foreground and opacity of a sia arm (keywords of `use_sia` / `SiaAnomalyGenerator`)."""
     from sia.synthesizer import AnomalySynthesizer
 
     if arm == "sia-dtd-stock-area":  # a ready synthesizer fixes its own category and opacity
         return {"source": AnomalySynthesizer(f"dtd:{DTD}", category="none", require_nonempty=True,
                                              perlin_threshold=STOCK_AREA_THRESHOLD)}
+    if arm == "sia-folder":  # every image of the folder, whatever its SIA category; the data set's foreground
+        from sia.sources import make_source
+
+        return {"source": make_source(f"sia:{sia_folder}"), "category": DATASETS[name][2]}
     source = {"sia-dtd": f"dtd:{DTD}", "sia-dtd-whole": f"dtd:{DTD}", "sia-dtd-draem-opacity": f"dtd:{DTD}",
-              "sia-cutpaste": "cutpaste", "sia-folder": f"sia:{sia_folder}"}[arm]
-    whole = arm in ("sia-dtd-whole", "sia-dtd-draem-opacity")
+              "sia-cutpaste": "cutpaste", "sia-incontext": f"sdas-inpaint:{incontext_set}"}[arm]
+    whole = arm in ("sia-dtd-whole", "sia-dtd-draem-opacity", "sia-incontext")
     return {"source": source, "category": "none" if whole else DATASETS[name][2],
             "opacity": DRAEM_OPACITY if arm == "sia-dtd-draem-opacity" else None}
 
 
-def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | None):
+def build_model(arm: str, name: str, seed: int, size: int, sia_folder: str | None, incontext_set: str | None = None):
     from anomalib.models import Draem
 
     from sia.anomalib import use_sia
 
     model = Draem(dtd_dir=str(DTD), pre_processor=Draem.configure_pre_processor((size, size)), visualizer=False)
     if arm != "anomalib-perlin-dtd":
-        use_sia(model, seed=seed, **sia_settings(arm, name, sia_folder))
+        use_sia(model, seed=seed, **sia_settings(arm, name, sia_folder, incontext_set))
     return model
 
 
@@ -192,7 +201,7 @@ def run(name: str, arm: str, seed: int, args) -> dict:
 
     folder, test = materialise(name, args.image_size)
     seed_everything(seed, workers=True, verbose=False)
-    model = build_model(arm, name, seed, args.image_size, args.sia_folder)
+    model = build_model(arm, name, seed, args.image_size, args.sia_folder, args.incontext_set)
     datamodule = Folder(
         name=name, root=folder, normal_dir="train/good", abnormal_dir="test/bad", normal_test_dir="test/good",
         mask_dir="ground_truth/bad", train_batch_size=args.batch_size, eval_batch_size=8, num_workers=0,
@@ -224,7 +233,7 @@ def run(name: str, arm: str, seed: int, args) -> dict:
     }
 
 
-def generator_of(arm: str, name: str, seed: int, sia_folder: str | None):
+def generator_of(arm: str, name: str, seed: int, sia_folder: str | None, incontext_set: str | None = None):
     """The anomaly generator an arm's DRAEM trains with (DRAEM's own construction for the stock arm)."""
     from anomalib.data.utils.generators import PerlinAnomalyGenerator
 
@@ -232,10 +241,11 @@ def generator_of(arm: str, name: str, seed: int, sia_folder: str | None):
 
     if arm == "anomalib-perlin-dtd":
         return PerlinAnomalyGenerator(anomaly_source_path=str(DTD), blend_factor=(0.1, 1.0))  # Draem's default beta
-    return SiaAnomalyGenerator(seed=seed, **sia_settings(arm, name, sia_folder))
+    return SiaAnomalyGenerator(seed=seed, **sia_settings(arm, name, sia_folder, incontext_set))
 
 
-def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | None, draws: int = 8) -> list[dict]:
+def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | None, incontext_set: str | None = None,
+                    draws: int = 8) -> list[dict]:
     """What each generator hands DRAEM: how often an image is anomalous, how much of it, how strongly."""
     from realnet.data import load_split
 
@@ -245,7 +255,7 @@ def mask_statistics(name: str, size: int, arms: list[str], sia_folder: str | Non
     rows = []
     for arm in arms:
         torch.manual_seed(0)
-        generator = generator_of(arm, name, 0, sia_folder)
+        generator = generator_of(arm, name, 0, sia_folder, incontext_set)
         anomalous, areas, changes = 0, [], []
         for _ in range(draws):
             out, masks = generator(images)
@@ -327,6 +337,8 @@ def main() -> None:
     parser.add_argument("--data", type=parse_names(tuple(DATASETS)), default=list(DATASETS), help="comma-separated data sets")
     parser.add_argument("--arms", type=parse_names(ARMS), default=None, help="comma-separated arms (default: all; sia-folder needs --sia-folder)")
     parser.add_argument("--sia-folder", default=None, help="a folder of SIA images for the sia-folder arm")
+    parser.add_argument("--incontext-set", default=None,
+                        help="an in-context SDAS set (sia generate --images) of the training images for the sia-incontext arm")
     parser.add_argument("--seeds", type=parse_seeds, default=[0, 1], help="comma-separated seeds")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per run (the budget)")
@@ -341,12 +353,13 @@ def main() -> None:
     if args.report:
         report()
         return
-    arms = args.arms or [a for a in ARMS if a != "sia-folder" or args.sia_folder]
-    if "sia-folder" in arms and not args.sia_folder:
-        parser.error("--arms sia-folder: needs --sia-folder DIR")
+    arms = args.arms or [a for a in ARMS if a not in GIVEN_SETS or getattr(args, GIVEN_SETS[a])]
+    for arm, dest in GIVEN_SETS.items():
+        if arm in arms and not getattr(args, dest):
+            parser.error(f"--arms {arm}: needs --{dest.replace('_', '-')} DIR")
     if args.mask_stats:
         torch.set_num_threads(args.threads)
-        stats = [row for name in args.data for row in mask_statistics(name, args.image_size, arms, args.sia_folder)]
+        stats = [row for name in args.data for row in mask_statistics(name, args.image_size, arms, args.sia_folder, args.incontext_set)]
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "anomalib_generators_masks.json").write_text(json.dumps(stats, indent=2))
         print(statistics_markdown(stats))
