@@ -317,6 +317,51 @@ def statistics_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def draw_curves(runs: list[dict], path: Path) -> Path | None:
+    """PRO vs optimiser step of every run with a curve, one panel per data set, one colour per arm (PIL)."""
+    from PIL import Image, ImageDraw
+
+    runs = [r for r in runs if r.get("curve")]
+    if not runs:
+        return None
+    datasets = sorted({r["data"] for r in runs})
+    arms = [a for a in ARMS if any(r["arm"] == a for r in runs)]
+    width, height, margin = 520, 300, 44
+    image = Image.new("RGB", (width * len(datasets), height + 18 * len(arms) + 10), "white")
+    draw = ImageDraw.Draw(image)
+    max_step = max(point["step"] for r in runs for point in r["curve"])
+    for col, name in enumerate(datasets):
+        x0, y0, x1, y1 = col * width + margin, 24, (col + 1) * width - 12, height - margin + 20
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text((x0, y0 - 18), f"{name}: PRO (FPR 0.3) vs DRAEM step", fill="black")
+        for value in (0.0, 0.25, 0.5, 0.75, 1.0):
+            y = y1 - value * (y1 - y0)
+            draw.line([x0 - 4, y, x0, y], fill="black")
+            draw.text((x0 - 34, y - 6), f"{value:.2f}", fill="black")
+        for step in range(0, max_step + 1, 10):
+            x = x0 + step / max_step * (x1 - x0)
+            draw.line([x, y1, x, y1 + 4], fill="black")
+            draw.text((x - 6, y1 + 6), str(step), fill="black")
+        for r in (r for r in runs if r["data"] == name):
+            colour = CURVE_COLOURS[arms.index(r["arm"]) % len(CURVE_COLOURS)]
+            points = [(x0 + c["step"] / max_step * (x1 - x0), y1 - c["pro"] * (y1 - y0)) for c in r["curve"]]
+            draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    for i, arm in enumerate(arms):
+        y = height + 4 + 18 * i
+        draw.line([margin, y + 6, margin + 30, y + 6], fill=CURVE_COLOURS[i % len(CURVE_COLOURS)], width=3)
+        draw.text((margin + 38, y), f"{arm} (one line per seed)", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
 def report() -> None:
     runs = [json.loads(p.read_text()) for p in sorted(RUNS.glob("*.json"))]
     if not runs:
@@ -330,6 +375,8 @@ def report() -> None:
     table = markdown(rows) + ("\n\n" + statistics_markdown(stats) if stats else "")
     (OUT / "anomalib_generators.md").write_text(table + "\n")
     print(table)
+    if draw_curves(runs, OUT / "anomalib_curves.png"):
+        shutil.copyfile(OUT / "anomalib_curves.png", HERE / "anomalib_curves.png")  # the copy RESULTS.md shows
 
 
 def main() -> None:
