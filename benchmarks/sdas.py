@@ -7,7 +7,7 @@ one process per row, peak RSS of that process. A "step" is one UNet forward plus
 pipeline lays it out (`sia.unets.unet_input`): the unit the official figures use.
 Rows and what is timed:
 
-* small-64 (10 M params): median of 5 timed steps after 1 warm-up step;
+* small-64 (10.7 M params, the official 64 px network): median of 5 timed steps after 1 warm-up step;
 * adm-256, batch 1 (554 M params, the official network): 1 warm-up step, median of 2 timed steps;
 * adm-256, batch 8: a single timed step, no warm-up (about 2 minutes on an idle core).
 

@@ -128,8 +128,8 @@ def train_command(
                                         "and the final SDASPipeline in <output>/pipeline (pass that to `sia generate --model`).")],
     categories: Annotated[Optional[str], typer.Option("--categories", help="Comma-separated category sub-folders to train on, in "
                                                       "class-id order (default: all; known benchmark categories keep the official order).")] = None,
-    preset: Annotated[str, typer.Option("--preset", help="UNet preset: adm-256 (official SDAS, GPU), small-64 (~10 M parameters, "
-                                        "trains on a CPU in hours) or tiny-32 (CPU demos and tests).")] = "adm-256",
+    preset: Annotated[str, typer.Option("--preset", help="UNet preset: adm-256 (official SDAS, GPU), small-64 (the official 64 px "
+                                        "network, 10.7 M parameters, trains on a CPU in hours) or tiny-32 (CPU demos and tests).")] = "adm-256",
     image_size: Annotated[Optional[int], typer.Option("--image-size", help="Training resolution (bilinear resize, no crop); any "
                                                       "multiple of the preset's down factor. Default: the preset's size (256 for adm-256).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer updates to train for (default 10000 unless --epochs).")] = None,

@@ -75,6 +75,70 @@ def test_adm_preset_has_the_parameter_count_of_the_official_adm_256():
     assert sum(p.numel() for p in ours.parameters()) == official_count
 
 
+def test_small_preset_puts_attention_only_at_8_px():
+    """As the official code does at 64 px: its attention resolutions [32, 16, 8] are read as downsample factors."""
+    from collections import Counter
+
+    from diffusers import UNet2DModel
+    from diffusers.models.attention_processor import Attention
+
+    config = UNET_PRESETS["small-64"]
+    assert config["block_out_channels"] == (64, 128, 128, 128) and config["attention_head_dim"] == 64
+    narrow = {**config, "block_out_channels": (8,) * 4, "attention_head_dim": 8, "norm_num_groups": 4,
+              "attn_norm_num_groups": 4, "num_class_embeds": 2}
+    unet = UNet2DModel(**narrow).eval()
+    sizes: list[int] = []
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[-1]))
+    with torch.no_grad():
+        unet(torch.zeros(1, 3, 64, 64), torch.tensor([10]), class_labels=torch.tensor([1]))
+    # 2 attention blocks going down, the middle block, 3 going up, all at ds 8 (8 px).
+    assert Counter(sizes) == {8: 2 + 1 + 3}
+
+
+@pytest.mark.parametrize(("preset", "adm", "count"), [
+    ("small-64", dict(model_channels=64, channel_mult=(1, 2, 2, 2), attention_ds=(8,)), 10_738_630),
+    ("adm-256", dict(model_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), attention_ds=(8, 16, 32)), 552_829_446),
+])
+def test_official_adm_weights_map_onto_the_preset_key_for_key(preset, adm, count):
+    """The official network's state dict (tests/official_adm.py, meta device) becomes the preset's, tensor for tensor."""
+    from official_adm import OfficialADM
+
+    from sia.convert import adm_to_diffusers_state_dict, adm_unet_config
+
+    config = unet_config(preset, num_classes=15)
+    with torch.device("meta"):
+        official = OfficialADM(num_res_blocks=2, num_classes=15, head_channels=64, **adm)
+        ours = build_unet(preset, num_classes=15)
+    assert sum(p.numel() for p in official.parameters()) == count == sum(p.numel() for p in ours.parameters())
+    inferred = adm_unet_config(official.state_dict(), sample_size=config["sample_size"], num_head_channels=64)
+    assert {k: inferred[k] for k in config} == config
+    mapped = adm_to_diffusers_state_dict(official.state_dict(), config)
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
+
+
+def test_a_pipeline_saved_with_the_previous_small_preset_loads_with_its_own_layout(tmp_path):
+    """Saved pipelines rebuild their UNet from their config.json, not from the preset: the old layout
+    (attention also at 16 px, 32-channel heads; narrowed here) still loads and computes the same."""
+    from diffusers import UNet2DModel
+
+    from sia.pipeline import SDASPipeline
+    from sia.scheduler import make_scheduler
+    from sia.unets import _adm_config
+
+    torch.manual_seed(0)
+    old = {**_adm_config(16, (32, 32, 32, 32), (False, False, True, True), 1, 32, 32), "num_class_embeds": 2}
+    trained = UNet2DModel(**old).eval()
+    SDASPipeline(unet=trained, scheduler=make_scheduler("ddpm"), categories=["a", "b"]).save_pretrained(tmp_path / "old")
+    saved = SDASPipeline.from_pretrained(tmp_path / "old")
+    assert tuple(saved.unet.config.down_block_types) == old["down_block_types"]
+    assert saved.unet.config.attention_head_dim == 32
+    x, t, y = torch.randn(1, 3, 16, 16), torch.tensor([10]), torch.tensor([1])
+    with torch.no_grad():
+        torch.testing.assert_close(saved.unet(x, t, class_labels=y).sample, trained(x, t, class_labels=y).sample)
+
+
 def test_image_size_must_fit_the_down_factor():
     assert unet_config("small-64", 2, sample_size=128)["sample_size"] == 128
     with pytest.raises(InputError, match="multiple of 8"):
