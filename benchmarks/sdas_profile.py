@@ -10,10 +10,10 @@ small-64, 15 classes, batch 8, one thread; run under ``taskset -c 0``). Two part
 * same-process A/B, alternating the variants round by round and quoting the median of the paired
   ratios (a shared machine's load changes by the minute, so absolute seconds are not comparable
   across runs but adjacent rounds are): our UNet with and without the channels-last sampling input,
-  the independent official-arithmetic ADM of tests/official_adm.py in the same architecture and in the
-  architecture the official figures were measured with (the official yaml's ``attention_resolutions``
-  [32, 16, 8] read as downsample factors on a 64 px image: attention at 8 px only, 64-channel heads,
-  10.74 M parameters), and Adam's per-tensor loop against the fused kernel.
+  the independent official-arithmetic ADM of tests/official_adm.py in the architecture the official
+  figures were measured with, which is the small-64 preset's (the official yaml's
+  ``attention_resolutions`` [32, 16, 8] read as downsample factors on a 64 px image: attention at
+  8 px only, 64-channel heads, 10.74 M parameters), and Adam's per-tensor loop against the fused kernel.
 
     taskset -c 0 .venv/bin/python benchmarks/sdas_profile.py [--rounds N]   # writes benchmarks/out/sdas_profile.json
 """
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET, BATCH, NUM_CLASSES = "small-64", 8, 15
-OFFICIAL_ANCHOR, OFFICIAL_SAME = "official-style ADM, anchors' architecture", "official-style ADM, same architecture"
+OFFICIAL_ANCHOR = "official-style ADM, anchors' architecture"
 # The op classes, first match wins (profiler op names contain these).
 OP_CLASSES = (
     ("convolution", ("conv", "thnn_")),
@@ -106,25 +106,24 @@ def paired(variants: dict[str, Callable[[], object]], rounds: int, references: t
     return rows
 
 
-def official_style(anchor: bool):
-    """The official-arithmetic ADM (tests/official_adm.py) as small-64, or as the anchors' network."""
+def official_style():
+    """The official-arithmetic ADM (tests/official_adm.py) as the anchors' network (= the small-64 preset)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from official_adm import OfficialADM
 
     return OfficialADM(model_channels=64, num_res_blocks=2, channel_mult=(1, 2, 2, 2), num_classes=NUM_CLASSES,
-                       attention_ds=(8,) if anchor else (4, 8), head_channels=64 if anchor else 32)
+                       attention_ds=(8,), head_channels=64)
 
 
 def architectures() -> dict:
-    """Parameter counts and attention placement of our preset and of the two official-style builds."""
+    """Parameter counts and attention placement of our preset and of the official-style build."""
     import torch
 
     from sia.unets import build_unet
 
     with torch.device("meta"):
-        models = {"ours (small-64 preset)": (build_unet(PRESET, num_classes=NUM_CLASSES), [16, 8], 32),
-                  OFFICIAL_SAME: (official_style(False), [16, 8], 32),
-                  OFFICIAL_ANCHOR: (official_style(True), [8], 64)}
+        models = {"ours (small-64 preset)": (build_unet(PRESET, num_classes=NUM_CLASSES), [8], 64),
+                  OFFICIAL_ANCHOR: (official_style(), [8], 64)}
     return {name: {"params": sum(p.numel() for p in model.parameters()), "attention_px": px, "head_channels": heads}
             for name, (model, px, heads) in models.items()}
 
@@ -152,14 +151,13 @@ def sampling(rounds: int) -> dict:
         with record_function("## SDASScheduler.step (ours)"):
             scheduler.step(output, t, x, generator=torch.Generator().manual_seed(1), anomaly_strength=strength)
 
-    same, anchor = official_style(False).eval(), official_style(True).eval()
+    anchor = official_style().eval()
     ts = torch.full((BATCH,), int(t))
     with torch.no_grad():
         step()
         table = profile_table(step, 2)
         ab = paired({
             OFFICIAL_ANCHOR: lambda: anchor(x, ts, labels),
-            OFFICIAL_SAME: lambda: same(x, ts, labels),
             "ours, NCHW input (before)": lambda: unet(x, t, class_labels=labels),
             "ours, channels-last input (now)": lambda: unet(unet_input(x, unet.dtype), t, class_labels=labels),
         }, rounds, (OFFICIAL_ANCHOR, "ours, NCHW input (before)"))
@@ -216,10 +214,9 @@ def training(rounds: int) -> dict:
             model.zero_grad(set_to_none=True)
         return run
 
-    same, anchor = official_style(False).train(), official_style(True).train()
+    anchor = official_style().train()
     ab = paired({
         OFFICIAL_ANCHOR: forward_backward(anchor, lambda x, t: anchor(x, t, labels)),
-        OFFICIAL_SAME: forward_backward(same, lambda x, t: same(x, t, labels)),
         "ours": forward_backward(unet, lambda x, t: unet(x, t, class_labels=labels).sample),
     }, max(2, rounds // 2), (OFFICIAL_ANCHOR,))
     for p in unet.parameters():
