@@ -63,7 +63,7 @@ from .runs import (
     write_json_atomic,
 )
 from .sample_grids import fixed_sample_plan, render_sample_grid, save_grid, save_pipeline
-from .unets import UNET_PRESETS, unet_config
+from .unets import EARLIER_PRESET_LAYOUTS, UNET_PRESETS, unet_config
 from .warm_start import describe_init_report, load_init_state_dict, load_matching_weights
 
 DEFAULT_MAX_STEPS = 10_000
@@ -175,11 +175,17 @@ class DiffusionTrainingConfig:
         return data
 
 
-def build_training_unet(config: DiffusionTrainingConfig, num_classes: int):
-    """The freshly initialised class-conditional UNet of a run (preset plus overrides)."""
+def build_training_unet(config: DiffusionTrainingConfig, num_classes: int, checkpoint: Path | None = None):
+    """The freshly initialised class-conditional UNet of a run (preset plus overrides).
+
+    When resuming from `checkpoint`, a run started with an earlier layout of its preset gets that
+    layout back (its weights say which), so a preset's update never strands an interrupted run.
+    """
     from diffusers import UNet2DModel
 
     kwargs = unet_config(config.preset, num_classes, config.resolved_image_size())
+    if checkpoint is not None and not config.unet_overrides:
+        kwargs = _layout_of_checkpoint(config.preset, kwargs, checkpoint / "model.safetensors")
     overrides = dict(config.unet_overrides or {})
     fixed = {"num_class_embeds", "sample_size", "in_channels", "out_channels"} & set(overrides)
     if fixed:
@@ -189,6 +195,31 @@ def build_training_unet(config: DiffusionTrainingConfig, num_classes: int):
     except (TypeError, ValueError) as err:
         raise InputError(f"unet_overrides: not a valid UNet2DModel config ({err})") from None
 
+
+
+def _layout_of_checkpoint(preset: str, kwargs: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """`kwargs` itself, or the earlier layout of `preset` whose tensor shapes are those in `weights`."""
+    from diffusers import UNet2DModel
+    from safetensors import safe_open
+
+    if preset not in EARLIER_PRESET_LAYOUTS or not weights.is_file():
+        return kwargs
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+    def shapes(candidate: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in UNet2DModel(**candidate).state_dict().items()}
+
+    if shapes(kwargs) == saved:
+        return kwargs
+    fixed = {k: kwargs[k] for k in ("num_class_embeds", "sample_size")}
+    for layout in EARLIER_PRESET_LAYOUTS[preset]:
+        candidate = {**layout, **fixed}
+        if shapes(candidate) == saved:
+            print(f"notice: {weights.parent} was started with the earlier layout of preset {preset!r}; resuming with it")
+            return candidate
+    return kwargs  # no known layout fits: loading the checkpoint says so in one line
 
 
 def make_adam(params, device: torch.device | str, lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -303,7 +334,7 @@ def _build_run(config: DiffusionTrainingConfig, accelerator, out: Path, categori
     from .scheduler import SDASScheduler
 
     set_seed(config.seed)
-    unet = build_training_unet(config, len(categories))
+    unet = build_training_unet(config, len(categories), resume_from)
     if config.init_from and resume_from is None:
         report = load_matching_weights(unet, load_init_state_dict(config.init_from, dict(unet.config)), config.init_from)
         if accelerator.is_main_process:

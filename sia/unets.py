@@ -41,6 +41,12 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
     # 32 px, for tests and the CPU demo: two levels, attention at 16 px.
     "tiny-32": _adm_config(32, (32, 64), (False, True), 1, 32, 8),
 }
+# Earlier layouts of a preset, so that a training run started with one still resumes: small-64 had
+# attention at 16 and 8 px with 32-channel heads (11,070,150 parameters) before it became the
+# official network. Saved pipelines never need these: they rebuild from their own config.json.
+EARLIER_PRESET_LAYOUTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "small-64": (_adm_config(64, (64, 128, 128, 128), (False, False, True, True), 2, 32, 32),),
+}
 
 
 def unet_config(preset: str, num_classes: int, sample_size: int | None = None) -> dict[str, Any]:

@@ -401,3 +401,27 @@ def test_cpu_adam_is_fused_and_follows_the_adam_formula():
     for p, expected in zip(model.parameters(), reference, strict=True):
         torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
     assert training.make_adam(torch.nn.Linear(2, 2).parameters(), "meta", lr=1e-3).param_groups[0]["fused"] is None
+
+
+def test_a_run_started_with_an_earlier_preset_layout_resumes_with_it(toy_data: Path, tmp_path: Path, monkeypatch,
+                                                                      reset_accelerate, capsys):
+    # small-64 changed layout once; a run interrupted before such a change must still resume.
+    import sia.unets as unets
+
+    earlier = unets._adm_config(32, (32, 64), (False, False), 1, 32, 8)  # tiny-32 without its attention
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setitem(unets.UNET_PRESETS, "tiny-32", earlier)
+        with _killed_at_loss_call(patch, 2), pytest.raises(KeyboardInterrupt):
+            train_diffusion(_config(toy_data, out, unet_overrides=None, max_steps=2, checkpoint_every=1))
+    reset_accelerate()
+    with pytest.raises(InputError, match="does not fit this run") as info:  # layout unknown: one line
+        train_diffusion(_config(toy_data, out, unet_overrides=None, max_steps=2, checkpoint_every=1, resume=True))
+    assert "\n" not in str(info.value)
+    reset_accelerate()
+    monkeypatch.setitem(training.EARLIER_PRESET_LAYOUTS, "tiny-32", (earlier,))
+    pipeline = train_diffusion(_config(toy_data, out, unet_overrides=None, max_steps=2, checkpoint_every=1, resume=True))
+    assert "earlier layout of preset 'tiny-32'" in capsys.readouterr().out
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    saved = json.loads((Path(pipeline) / "unet" / "config.json").read_text())
+    assert saved["down_block_types"] == list(earlier["down_block_types"])
