@@ -196,7 +196,6 @@ def build_training_unet(config: DiffusionTrainingConfig, num_classes: int, check
         raise InputError(f"unet_overrides: not a valid UNet2DModel config ({err})") from None
 
 
-
 def _layout_of_checkpoint(preset: str, kwargs: dict[str, Any], weights: Path) -> dict[str, Any]:
     """`kwargs` itself, or the earlier layout of `preset` whose tensor shapes are those in `weights`."""
     from diffusers import UNet2DModel
