@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -258,11 +257,11 @@ def main() -> None:
               "load_average_1min_after": round(os.getloadavg()[0], 2)}
     print_part("SDAS sampling step (small-64, batch 8)", result["sampling_step"])
     print_part("SDAS training step (small-64, batch 8, 64 px)", result["training_step"])
+    from sia.runs import write_json_atomic
+
     out = Path(__file__).resolve().parent / "out" / "sdas_profile.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(f"wrote {out}")
 
 

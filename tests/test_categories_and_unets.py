@@ -39,27 +39,32 @@ def test_tiny_preset_is_class_conditional_with_learned_variance():
     assert not torch.allclose(out, other)
 
 
-def test_adm_preset_puts_attention_exactly_at_32_16_and_8_px():
-    """Run the preset's block types (narrowed, so it is quick) on a 256 px input and record where attention runs."""
+def _attention_widths(config: dict, size: int):
+    """Where attention runs (feature-map widths, counted) in a preset's block layout, narrowed so it is quick."""
     from collections import Counter
 
     from diffusers import UNet2DModel
     from diffusers.models.attention_processor import Attention
 
+    levels = len(config["block_out_channels"])
+    narrow = {**config, "block_out_channels": (8,) * levels, "attention_head_dim": 8, "norm_num_groups": 4,
+              "attn_norm_num_groups": 4, "num_class_embeds": 2}
+    unet = UNet2DModel(**narrow).eval()
+    widths: list[int] = []
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[-1]))
+    with torch.no_grad():
+        unet(torch.zeros(1, 3, size, size), torch.tensor([10]), class_labels=torch.tensor([1]))
+    return Counter(widths)
+
+
+def test_adm_preset_puts_attention_exactly_at_32_16_and_8_px():
     config = UNET_PRESETS["adm-256"]
     assert config["block_out_channels"] == (256, 256, 512, 512, 1024, 1024)
     assert config["attention_head_dim"] == 64 and config["resnet_time_scale_shift"] == "scale_shift"
-    narrow = {**config, "block_out_channels": (8,) * 6, "attention_head_dim": 8, "norm_num_groups": 4,
-              "attn_norm_num_groups": 4, "num_class_embeds": 2}
-    unet = UNet2DModel(**narrow).eval()
-    sizes: list[int] = []
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            module.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[-1]))
-    with torch.no_grad():
-        unet(torch.zeros(1, 3, 256, 256), torch.tensor([10]), class_labels=torch.tensor([1]))
     # ADM: 2 res blocks per level going down, 3 going up, one attention each at ds 8/16/32, plus the middle block.
-    assert Counter(sizes) == {32: 2 + 3, 16: 2 + 3, 8: 2 + 1 + 3}
+    assert _attention_widths(config, 256) == {32: 2 + 3, 16: 2 + 3, 8: 2 + 1 + 3}
 
 
 def test_adm_preset_has_the_parameter_count_of_the_official_adm_256():
@@ -77,24 +82,10 @@ def test_adm_preset_has_the_parameter_count_of_the_official_adm_256():
 
 def test_small_preset_puts_attention_only_at_8_px():
     """As the official code does at 64 px: its attention resolutions [32, 16, 8] are read as downsample factors."""
-    from collections import Counter
-
-    from diffusers import UNet2DModel
-    from diffusers.models.attention_processor import Attention
-
     config = UNET_PRESETS["small-64"]
     assert config["block_out_channels"] == (64, 128, 128, 128) and config["attention_head_dim"] == 64
-    narrow = {**config, "block_out_channels": (8,) * 4, "attention_head_dim": 8, "norm_num_groups": 4,
-              "attn_norm_num_groups": 4, "num_class_embeds": 2}
-    unet = UNet2DModel(**narrow).eval()
-    sizes: list[int] = []
-    for module in unet.modules():
-        if isinstance(module, Attention):
-            module.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[-1]))
-    with torch.no_grad():
-        unet(torch.zeros(1, 3, 64, 64), torch.tensor([10]), class_labels=torch.tensor([1]))
     # 2 attention blocks going down, the middle block, 3 going up, all at ds 8 (8 px).
-    assert Counter(sizes) == {8: 2 + 1 + 3}
+    assert _attention_widths(config, 64) == {8: 2 + 1 + 3}
 
 
 @pytest.mark.parametrize(("preset", "adm", "count"), [
