@@ -33,24 +33,34 @@ ANCHOR = {"total_s": 1.94, "forward_loss_s": 0.71, "backward_clip_s": 1.20, "opt
 PHASES = ("forward_loss_s", "backward_clip_s", "optimizer_ema_s")
 
 
-def measure() -> dict:
+def training_setup(preset: str = PRESET, batch: int = BATCH, num_classes: int = NUM_CLASSES):
+    """The training step's parts as `sia train` builds them, random weights, seeded: the same for every benchmark."""
     import torch
 
-    from sia.diffusion_loss import DiffusionCoefficients, add_noise, hybrid_loss
+    from sia.diffusion_loss import DiffusionCoefficients
     from sia.scheduler import SDASScheduler
     from sia.training import EMAWeights, make_adam
     from sia.unets import build_unet
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    unet = build_unet(PRESET, num_classes=NUM_CLASSES).train()
+    unet = build_unet(preset, num_classes=num_classes).train()
     ema = EMAWeights(unet, 0.9999)
     optimizer = make_adam(unet.parameters(), "cpu", lr=1e-4)
     coefficients = DiffusionCoefficients.from_scheduler(SDASScheduler())
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(0)
-    x0 = torch.rand(BATCH, 3, size, size, generator=generator) * 2 - 1
-    labels = torch.arange(BATCH) % NUM_CLASSES
+    x0 = torch.rand(batch, 3, size, size, generator=generator) * 2 - 1
+    labels = torch.arange(batch) % num_classes
+    return unet, ema, optimizer, coefficients, generator, x0, labels
+
+
+def measure() -> dict:
+    import torch
+
+    from sia.diffusion_loss import add_noise, hybrid_loss
+
+    torch.set_num_threads(1)
+    unet, ema, optimizer, coefficients, generator, x0, labels = training_setup()
 
     rows = []
     for i in range(WARMUP + TIMED):
@@ -74,7 +84,7 @@ def measure() -> dict:
 
     result = {key: round(statistics.median(r[key] for r in rows), 4) for key in (*PHASES, "total_s")}
     return {
-        "preset": PRESET, "batch": BATCH, "image_size": size, "num_classes": NUM_CLASSES,
+        "preset": PRESET, "batch": BATCH, "image_size": unet.config.sample_size, "num_classes": NUM_CLASSES,
         "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
         "warmup_steps": WARMUP, "timed_steps": TIMED, "median": result,
         "step_times_s": [round(r["total_s"], 4) for r in rows],

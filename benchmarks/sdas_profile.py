@@ -167,20 +167,10 @@ def training(rounds: int) -> dict:
     import torch
     from torch.profiler import record_function
 
-    from sia.diffusion_loss import DiffusionCoefficients, add_noise, hybrid_loss
-    from sia.scheduler import SDASScheduler
-    from sia.training import EMAWeights, make_adam
-    from sia.unets import build_unet
+    from diffusion_train import training_setup  # the same parts as the training-step benchmark
+    from sia.diffusion_loss import add_noise, hybrid_loss
 
-    torch.manual_seed(0)
-    unet = build_unet(PRESET, num_classes=NUM_CLASSES).train()
-    ema = EMAWeights(unet, 0.9999)
-    optimizer = make_adam(unet.parameters(), "cpu", lr=1e-4)
-    coefficients = DiffusionCoefficients.from_scheduler(SDASScheduler())
-    size = unet.config.sample_size
-    generator = torch.Generator().manual_seed(0)
-    x0 = torch.rand(BATCH, 3, size, size, generator=generator) * 2 - 1
-    labels = torch.arange(BATCH) % NUM_CLASSES
+    unet, ema, optimizer, coefficients, generator, x0, labels = training_setup(PRESET, BATCH, NUM_CLASSES)
 
     def step() -> None:
         with record_function("## noise, q(x_t|x_0) (ours)"):
