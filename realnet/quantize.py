@@ -7,7 +7,8 @@ measure activation ranges: for an anomaly detector those are normal images, whic
 The backbone and the reconstruction U-Nets (nearly all of the compute) run in int8; everything
 else (standardiser, AFS gather, residuals, RRS, discriminator, map and image score) stays float.
 The int8 graph no longer matches the float model to 1e-4, so its accuracy cost must be measured on
-real data with a trained model (``benchmarks/realnet_speed.py --int8-accuracy``); its deviation from the float graph on the export check images is recorded in the manifest.
+real data with a trained model (``benchmarks/realnet_speed.py --int8-accuracy``); its deviation
+from the float graph on the export check images is recorded in the manifest.
 """
 
 from __future__ import annotations

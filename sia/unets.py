@@ -2,8 +2,8 @@
 
 `adm-256` is the official SDAS network (guided-diffusion ADM, the same layout as OpenAI's 256x256
 ImageNet model), so official and ImageNet checkpoints map onto it key for key. `small-64` is the
-network the official code builds for 64 px images at width 64, so official small models map onto
-it too and its speed compares like for like with the official figures. `tiny-32` keeps the same
+network the official code builds for 64 px images at width 64, so its speed compares like for like
+with the official figures. `tiny-32` keeps the same
 design (learned variance, scale-shift norm, resnet up/down, attention on the coarse levels) at a
 size the tests and a CPU demo can train.
 """
@@ -75,7 +75,7 @@ def unet_input(sample: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     On CPU that is channels-last: the layout then propagates through the network, oneDNN's 3x3
     convolutions skip reordering every activation and torch's nearest 2x upsampling skips two
-    transposing copies (1.13x per SDAS sampling step of small-64, see benchmarks/RESULTS.md).
+    transposing copies (about 1.15x per SDAS sampling forward of small-64, see benchmarks/RESULTS.md).
     The weights stay as they are. Values are the same up to the summation order of the convolutions.
     Training is not sped up by it (its backward is slower in channels-last), so only sampling uses it.
     """
