@@ -173,9 +173,8 @@ def render_sdas_profile(data: dict) -> list[str]:
                    f"parameter count, table above), so the comparison is like for like. The sampling forward runs "
                    f"{_fmt(sample_now, '.2f')}x the yardstick{verdict(sample_now)}, the training "
                    f"forward+loss+backward {_fmt(train_now, '.2f')}x{verdict(train_now)}; target >= 1.0x. Absolute "
-                   f"seconds on this shared machine drift by more than 2x within a day, so the SDAS tables above were "
-                   f"not re-run: they were measured before the fixes below and with the previous small-64 preset "
-                   f"(11.07 M parameters, attention also at 16 px, 32-channel heads). At adm-256's widths the "
+                   f"seconds differ by more than 2x between the machines of this kind, so only these same-process "
+                   f"ratios compare code with code. At adm-256's widths the "
                    f"channels-last input gains less (1.02x per forward at 64 px and at 128 px, batch 1; the 256 px "
                    f"rows were not re-run).")]
     return lines + [""] + SDAS_PROFILE_NOTES
