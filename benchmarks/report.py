@@ -212,7 +212,7 @@ SDAS_PROFILE_NOTES = [
     "64 px image attention runs only at 8 px (and in the middle block), with 64-channel heads: 10,738,630 parameters, "
     "the anchors' \"10.7 M\". The preset used to add attention at 16 px (five more blocks) with 32-channel heads "
     "(11,070,150 parameters), which cost about 3 % per sampling forward and 6 % per training step in every "
-    "comparison with the anchors. Pipelines saved with that layout keep it in their config.json and still load."),
+    "comparison with the anchors. Pipelines saved with that layout keep it in their config.json and still load; training runs started with it resume with it."),
 ]
 
 
