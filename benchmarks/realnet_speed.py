@@ -23,9 +23,12 @@ The deployment rows include OpenVINO int8 (NNCF post-training quantisation, `rea
 and int8 (calibrated on its training images), both scored on --data's test split.
 
 Usage: python benchmarks/realnet_speed.py [--cpu 0] [--quick] [--deploy [--threads N]]
+       python benchmarks/realnet_speed.py --deploy --threads 2 --backbones wide_resnet50_2 --modes infer,infer-legacy,onnx
        python benchmarks/realnet_speed.py --int8-accuracy runs/hazelnut/model --data DATA --dataset folder
-Writes benchmarks/out/realnet_speed.json (--deploy: realnet_deploy_speed.json; --int8-accuracy:
-realnet_int8_accuracy.json).
+Writes benchmarks/out/realnet_speed.json (--deploy: realnet_deploy_speed.json, or with other
+--threads / a subset of --backbones or --modes realnet_deploy_speed__<threads>__<subset>.json;
+--int8-accuracy: realnet_int8_accuracy.json). The deploy JSON records the CPU model and its
+AVX-512 / VNNI / AMX extensions, which decide how much int8 gains.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import resource
 import shutil
 import statistics
@@ -195,6 +199,18 @@ def run_row(backbone: str, mode: str, batch: int, warmup: int, repeats: int, thr
     }
 
 
+def cpu_model() -> dict:
+    """CPU model name and the vector/matrix extensions that decide int8 and fp32 speed (Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "extensions": []}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {"model": model, "extensions": [f for f in wanted if f in flags]}
+
+
 def write_results(data: dict, name: str) -> None:
     """benchmarks/out/NAME, written atomically."""
     path = Path(__file__).resolve().parent / "out" / name
@@ -211,6 +227,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip the WRN50 batch-8 and WRN50 training rows")
     parser.add_argument("--deploy", action="store_true", help="the deployment rows: eager, channels-last, ONNX Runtime, OpenVINO")
     parser.add_argument("--threads", type=int, default=1, help="threads per row for --deploy (1: pinned to --cpu)")
+    parser.add_argument("--backbones", help="--deploy: comma-separated backbones to run (default: all of "
+                        "tf_efficientnet_lite0, resnet18, wide_resnet50_2)")
+    parser.add_argument("--modes", help=f"--deploy: comma-separated modes to run (default: all of {', '.join(DEPLOY_MODES)})")
     parser.add_argument("--int8-accuracy", metavar="MODEL", help="accuracy of a trained model as OpenVINO fp32 vs int8 on --data")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut_toy"),
                         help="data set for --int8-accuracy (default: the shared hazelnut_toy)")
@@ -366,9 +385,31 @@ def int8_accuracy_main(args) -> None:
                    "threads": args.threads, "image_size": list(size), "rows": rows}, "realnet_int8_accuracy.json")
 
 
+def deploy_output_name(threads: int, backbones: list[str] | None, modes: list[str] | None) -> str:
+    """``realnet_deploy_speed.json`` for the full one-thread run; other thread counts and subsets get
+    their own file (``realnet_deploy_speed__2threads__wide_resnet50_2.json``) so no run overwrites another."""
+    parts = [] if threads == 1 else [f"{threads}threads"]
+    parts += sorted(backbones or []) + sorted(modes or [])
+    return "realnet_deploy_speed" + "".join(f"__{p}" for p in parts) + ".json"
+
+
+def _subset(text: str | None, known: tuple[str, ...], flag: str) -> list[str] | None:
+    if not text:
+        return None
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in known]
+    if unknown or not chosen:
+        raise SystemExit(f"{flag} {text!r}: expected a comma-separated subset of {', '.join(known)}")
+    return chosen
+
+
 def deploy_main(args) -> None:
     """Export each architecture once per runtime, then time every (architecture, batch, mode) row."""
     threads = args.threads
+    all_backbones = tuple(dict.fromkeys(b for _, b, *_ in DEPLOY_ROWS))
+    backbones = _subset(args.backbones, all_backbones, "--backbones")
+    modes = _subset(args.modes, DEPLOY_MODES, "--modes")
+    output_name = deploy_output_name(threads, backbones, modes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     pin = ["taskset", "-c", str(args.cpu)] if threads == 1 and hasattr(os, "sched_setaffinity") else []
     exports = Path(__file__).resolve().parent / "out" / "exports"
@@ -378,9 +419,9 @@ def deploy_main(args) -> None:
         return subprocess.run([*pin, sys.executable, __file__, flag, value], capture_output=True, text=True,
                               env=env, check=False)
 
-    for backbone in dict.fromkeys(b for _, b, *_ in DEPLOY_ROWS):
+    for backbone in backbones or all_backbones:
         rows = [r for r in DEPLOY_ROWS if r[1] == backbone and not (args.quick and backbone == "wide_resnet50_2" and r[2] == 8)]
-        for mode in DEPLOY_MODES:
+        for mode in modes or DEPLOY_MODES:
             if mode == "infer-legacy" and backbone not in LEGACY_BACKBONES:
                 continue
             folder = exports / f"{backbone}-{mode}"
@@ -408,7 +449,7 @@ def deploy_main(args) -> None:
                            speedup_vs_official_wall=official / row["median_s"] if official else None,
                            official_rss_mib=OFFICIAL_RSS_MIB.get((backbone, "infer", batch)))
                 results.append(row)
-                write_results({"partial": True, "threads": threads, "rows": results}, "realnet_deploy_speed.json")
+                write_results({"partial": True, "threads": threads, "rows": results}, output_name)
                 print(f"  done {name} b{batch} {mode}: {row['median_s']:.3f} s ({time.perf_counter() - started:.0f} s wall)",
                       file=sys.stderr)
             if mode in EXPORTED_MODES:
@@ -430,9 +471,10 @@ def deploy_main(args) -> None:
         "(no torch); exports: realnet export, dynamic batch, opset 17",
         "threads": threads,
         "load_average_at_end": load,
+        "cpu": cpu_model(),
         "rows": results,
     }
-    write_results(out, "realnet_deploy_speed.json")
+    write_results(out, output_name)
 
 
 if __name__ == "__main__":
