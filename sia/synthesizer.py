@@ -22,7 +22,7 @@ from .blend import blend, opacity_range, sample_opacity
 from .errors import InputError
 from .foreground import ForegroundConfig, foreground_config, foreground_masks_bool
 from .images import ImageLike, load_image_tensor
-from .perlin import perlin_masks_bool
+from .perlin import check_mask_shape, crack_choices, shaped_masks_bool
 from .sources import AnomalySource, make_source, sample_batch
 
 
@@ -98,6 +98,9 @@ class AnomalySynthesizer:
             4 % of "anomalous" samples have an empty Perlin mask.
         image_size: resize inputs to (H, W) first; by default the input size is kept.
         perlin_threshold, min_scale_exp, max_scale_exp, rotate: Perlin mask parameters.
+        mask_shape: "perlin" (the official blobs), "cracks" (thin crack-shaped masks, for thin
+            defects such as cracks, which are not blob-shaped) or "mixed" (each sample a blob or
+            a crack with probability 0.5; a redrawn mask keeps its sample's kind).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class AnomalySynthesizer:
         min_scale_exp: int = 0,
         max_scale_exp: int = 6,
         rotate: bool = True,
+        mask_shape: str = "perlin",
     ) -> None:
         self.foreground = foreground_config(category)
         self.source = make_source(source, category=_category_name(category))
@@ -121,26 +125,29 @@ class AnomalySynthesizer:
         self.require_nonempty = require_nonempty
         self.max_attempts = max_attempts
         self.image_size = _image_size(image_size)
+        self.mask_shape = check_mask_shape(mask_shape)
         self.perlin_kwargs = dict(
             threshold=perlin_threshold, min_scale_exp=min_scale_exp, max_scale_exp=max_scale_exp, rotate=rotate
         )
 
     def __repr__(self) -> str:
+        shape = "" if self.mask_shape == "perlin" else f", mask_shape={self.mask_shape!r}"
         return (
             f"AnomalySynthesizer(source={self.source.name!r}, category={self.foreground.name!r}, "
-            f"opacity={self.opacity}, require_nonempty={self.require_nonempty})"
+            f"opacity={self.opacity}, require_nonempty={self.require_nonempty}{shape})"
         )
 
     # ----------------------------------------------------------------------------------------------
 
     def masks(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Anomaly masks (B, 1, H, W) float for a batch: Perlin x foreground (optional redraws)."""
+        """Anomaly masks (B, 1, H, W) float for a batch: Perlin (or crack) x foreground (optional redraws)."""
         return self._masks_bool(images, generator).float()
 
     def _masks_bool(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         batch, _, height, width = images.shape
         foreground = foreground_masks_bool(images, self.foreground)
-        masks = perlin_masks_bool(batch, height, width, generator, **self.perlin_kwargs)
+        cracks = crack_choices(batch, self.mask_shape, generator)
+        masks = shaped_masks_bool(cracks, height, width, generator, **self.perlin_kwargs)
         masks &= foreground
         if self.require_nonempty:
             has_foreground = foreground.flatten(1).any(dim=1)
@@ -148,7 +155,7 @@ class AnomalySynthesizer:
                 redo = torch.nonzero(has_foreground & ~masks.flatten(1).any(dim=1)).flatten()
                 if redo.numel() == 0:
                     break
-                fresh = perlin_masks_bool(int(redo.numel()), height, width, generator, **self.perlin_kwargs)
+                fresh = shaped_masks_bool(cracks[redo], height, width, generator, **self.perlin_kwargs)
                 masks[redo] = fresh & foreground[redo]
         return masks
 

@@ -2,12 +2,16 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from sia.errors import InputError
 from sia.perlin import (
+    crack_choices,
+    crack_masks_bool,
     perlin_masks,
     perlin_masks_bool,
     perlin_noise,
@@ -15,6 +19,7 @@ from sia.perlin import (
     perlin_resolutions,
     rotate_batch,
     rotation_angles,
+    shaped_masks_bool,
 )
 
 
@@ -131,3 +136,64 @@ def test_masks_use_those_draws_in_order():
     noise = perlin_noise(5, 40, 56, res_y, res_x, generator)[:, None]
     expected = rotate_batch(noise, rotation_angles(5, generator)) > 0.5
     assert torch.equal(perlin_masks_bool(5, 40, 56, torch.Generator().manual_seed(7)), expected)
+
+
+def test_mask_shape_perlin_is_the_default_draw_for_draw():
+    for size in [(64, 64), (37, 90)]:
+        default = perlin_masks_bool(6, *size, torch.Generator().manual_seed(11))
+        assert torch.equal(perlin_masks_bool(6, *size, torch.Generator().manual_seed(11), mask_shape="perlin"), default)
+        assert torch.equal(shaped_masks_bool(torch.zeros(6, dtype=torch.bool), *size, torch.Generator().manual_seed(11)), default)
+
+
+def _eroded_fraction(masks: torch.Tensor) -> float:
+    """Share of mask pixels that survive a 3 x 3 erosion (at 128 x 128 thin lines lose nearly all)."""
+    kept = sum(int(ndimage.binary_erosion(m[0].numpy(), np.ones((3, 3))).sum()) for m in masks)
+    return kept / max(int(masks.sum()), 1)
+
+
+def test_crack_masks_are_thin_mostly_nonempty_and_seeded():
+    cracks = crack_masks_bool(32, 128, 128, torch.Generator().manual_seed(0))
+    blobs = perlin_masks_bool(32, 128, 128, torch.Generator().manual_seed(0))
+    assert cracks.shape == (32, 1, 128, 128) and cracks.dtype == torch.bool
+    assert _eroded_fraction(cracks) < 0.15 and _eroded_fraction(blobs) > 0.25
+    assert cracks.flatten(1).any(1).float().mean() >= 0.8
+    coverage = cracks.float().mean().item()
+    assert 0.003 < coverage < 0.05, coverage  # local lines, not a net over the whole image
+    assert torch.equal(crack_masks_bool(32, 128, 128, torch.Generator().manual_seed(0)), cracks)
+    assert not torch.equal(crack_masks_bool(32, 128, 128, torch.Generator().manual_seed(1)), cracks)
+    assert torch.equal(perlin_masks_bool(32, 128, 128, torch.Generator().manual_seed(0), mask_shape="cracks"), cracks)
+
+
+def test_crack_half_width_controls_the_band():
+    thin = crack_masks_bool(16, 96, 96, torch.Generator().manual_seed(2), half_width=(0.01, 0.01))
+    wide = crack_masks_bool(16, 96, 96, torch.Generator().manual_seed(2), half_width=(0.04, 0.04))
+    assert torch.all(thin <= wide) and wide.sum() > 2 * thin.sum()
+    with pytest.raises(InputError, match="half_width"):
+        crack_masks_bool(2, 32, 32, half_width=(0.0, 0.02))
+
+
+def test_mixed_masks_hold_both_kinds_with_each_kinds_own_draws():
+    generator = torch.Generator().manual_seed(5)
+    masks = perlin_masks_bool(32, 128, 128, generator, mask_shape="mixed")
+    choices = crack_choices(32, "mixed", torch.Generator().manual_seed(5))
+    assert 0 < int(choices.sum()) < 32
+    nonempty = masks.flatten(1).any(1)
+    crack_thin = _eroded_fraction(masks[choices & nonempty])
+    blob_thick = _eroded_fraction(masks[~choices & nonempty])
+    assert crack_thin < 0.15 and blob_thick > 0.25
+    again = shaped_masks_bool(choices, 128, 128, _after_choices(5, 32))
+    assert torch.equal(again, masks)
+
+
+def _after_choices(seed: int, batch: int) -> torch.Generator:
+    generator = torch.Generator().manual_seed(seed)
+    torch.rand(batch, generator=generator)
+    return generator
+
+
+def test_unknown_mask_shape_is_a_one_line_input_error():
+    for bad in ("crack", "", None):
+        with pytest.raises(InputError) as info:
+            perlin_masks(2, 16, 16, mask_shape=bad)
+        message = str(info.value)
+        assert "\n" not in message and "mask_shape" in message and "perlin, cracks, mixed" in message

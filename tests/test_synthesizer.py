@@ -181,3 +181,18 @@ def test_image_size_must_be_positive(sia_folder):
         with pytest.raises(InputError, match="image_size"):
             AnomalySynthesizer(sia_folder, image_size=bad)
     assert SyntheticAnomalyDataset(NormalImages(2), AnomalySynthesizer(sia_folder), image_size=16)[0]["image"].shape == (3, 16, 16)
+
+
+def test_mask_shape_reaches_the_masks_and_redraws_keep_it(sia_folder):
+    images = torch.stack([normal_image(64, 64, s) for s in range(4)]).repeat(8, 1, 1, 1)
+    default = AnomalySynthesizer(sia_folder).masks(images, torch.Generator().manual_seed(0))
+    blobs = AnomalySynthesizer(sia_folder, mask_shape="perlin").masks(images, torch.Generator().manual_seed(0))
+    assert torch.equal(default, blobs)
+    synth = AnomalySynthesizer(sia_folder, mask_shape="cracks", require_nonempty=True)
+    assert "mask_shape='cracks'" in repr(synth) and "mask_shape=" not in repr(AnomalySynthesizer(sia_folder))
+    cracks = synth.masks(images, torch.Generator().manual_seed(0))
+    assert (cracks.flatten(1).amax(1) > 0).all()
+    assert cracks.mean() < 0.5 * default.mean()  # thin lines cover far less than blobs
+    assert torch.equal(cracks, synth.masks(images, torch.Generator().manual_seed(0)))
+    with pytest.raises(InputError, match="mask_shape"):
+        AnomalySynthesizer(sia_folder, mask_shape="blobs")
