@@ -125,7 +125,8 @@ class RealNetModule(AnomalibModule):
         if isinstance(source, AnomalySynthesizer):
             self.synthesizer = source
         else:
-            self.synthesizer = AnomalySynthesizer(source, category=category, require_nonempty=self.recipe.nonempty_masks)
+            self.synthesizer = AnomalySynthesizer(source, category=category, require_nonempty=self.recipe.nonempty_masks,
+                                                    mask_shape=self.recipe.mask_shape)
         self.afs_batches = afs_batches
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from sia.errors import InputError
+from sia.perlin import MASK_SHAPES
 
 from .losses import SEGMENTATION_LOSSES
 
@@ -49,6 +50,7 @@ class Recipe:
     anomaly_probability: float = 0.5
     balanced_batches: bool = False
     nonempty_masks: bool = False
+    mask_shape: str = "perlin"  # "cracks"/"mixed": thin crack masks, for thin defects (sia.perlin.MASK_SHAPES)
     # batching
     batch_size: int = 16
 
@@ -62,6 +64,8 @@ class Recipe:
             raise InputError(
                 f"recipe {self.name}: segmentation_loss {self.segmentation_loss!r}; known: {', '.join(SEGMENTATION_LOSSES)}"
             )
+        if self.mask_shape not in MASK_SHAPES:
+            raise InputError(f"recipe {self.name}: mask_shape {self.mask_shape!r}; expected one of {', '.join(MASK_SHAPES)}")
         if not 0.0 <= self.anomaly_probability <= 1.0:
             raise InputError(f"recipe {self.name}: anomaly_probability must lie in [0, 1], got {self.anomaly_probability}")
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -142,7 +146,7 @@ _FIELD_KINDS: dict[str, str] = {
     "warmup_fraction": "float", "min_lr_ratio": "float", "grad_clip_norm": "float?", "ema_decay": "float?",
     "standardize_features": "bool", "rrs_bn_momentum": "float?", "focal_gamma": "float", "segmentation_weight": "float",
     "reconstruction_weight": "float", "anomaly_probability": "float", "balanced_batches": "bool",
-    "nonempty_masks": "bool", "batch_size": "int",
+    "nonempty_masks": "bool", "mask_shape": "str", "batch_size": "int",
 }
 
 PAPER = Recipe(

@@ -93,7 +93,8 @@ def load_category_data(config: TrainingConfig, recipe: Recipe) -> list[CategoryD
 
         known = any(category in names for names in DATASET_CATEGORIES.values())
         source = make_source(_source_spec_for(config.source, category), category=category if known else None)
-        synthesizer = AnomalySynthesizer(source, category=preset, require_nonempty=recipe.nonempty_masks)
+        synthesizer = AnomalySynthesizer(source, category=preset, require_nonempty=recipe.nonempty_masks,
+                                          mask_shape=recipe.mask_shape)
         out.append(
             CategoryData(
                 name=category,

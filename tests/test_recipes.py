@@ -154,3 +154,17 @@ def test_key_value_options_parse_json_values():
     assert parse_key_values(["a=1", "b=[1, 2]", "c=adamw", "d=null"], "--x") == {"a": 1, "b": [1, 2], "c": "adamw", "d": None}
     with pytest.raises(InputError, match="KEY=VALUE"):
         parse_key_values(["novalue"], "--recipe-option")
+
+
+def test_mask_shape_field_is_checked_and_round_trips():
+    assert PAPER.mask_shape == FAST.mask_shape == "perlin"
+    cracks = FAST.replace(mask_shape="cracks")
+    data = cracks.to_dict()
+    assert data["mask_shape"] == "cracks" and Recipe(**{**data, "betas": tuple(data["betas"])}) == cracks
+    old = {k: v for k, v in FAST.to_dict().items() if k != "mask_shape"}  # a config saved before the field
+    assert Recipe(**old).mask_shape == "perlin"
+    with pytest.raises(InputError, match="mask_shape") as info:
+        FAST.replace(mask_shape="lines")
+    assert "\n" not in str(info.value) and "cracks" in str(info.value)
+    with pytest.raises(InputError, match="mask_shape"):
+        FAST.replace(mask_shape=3)

@@ -174,6 +174,9 @@ def test_only_normal_training_images_are_used(tmp_path):
     (category,) = load_category_data(config, get_recipe("fast"))
     assert len(category.train) == 6 and len(category.holdout) == 0
     assert all(category.train[j]["image"].sum() > 0 for j in range(6))  # none of the black defect images
+    assert category.synthesizer.mask_shape == "perlin"
+    (cracked,) = load_category_data(config, get_recipe("fast").replace(mask_shape="mixed"))
+    assert cracked.synthesizer.mask_shape == "mixed" and cracked.synthesizer.require_nonempty
 
 
 def test_ema_averages_only_what_training_changes():
