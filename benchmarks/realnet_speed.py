@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per row for --deploy (1: pinned to --cpu)")
     parser.add_argument("--backbones", help="--deploy: comma-separated backbones to run (default: all of "
                         "tf_efficientnet_lite0, resnet18, wide_resnet50_2)")
+    parser.add_argument("--batches", help="--deploy: comma-separated batch sizes to run (default: 1,8)")
     parser.add_argument("--modes", help=f"--deploy: comma-separated modes to run (default: all of {', '.join(DEPLOY_MODES)})")
     parser.add_argument("--int8-accuracy", metavar="MODEL", help="accuracy of a trained model as OpenVINO fp32 vs int8 on --data")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut_toy"),
@@ -329,7 +330,7 @@ DEPLOY_ROWS = [
     ("resnet18 64/128/256/128", "resnet18", 1, 1, 5),
     ("resnet18 64/128/256/128", "resnet18", 8, 1, 2),
     ("wrn50 arch A", "wide_resnet50_2", 1, 1, 3),
-    ("wrn50 arch A", "wide_resnet50_2", 8, 0, 1),
+    ("wrn50 arch A", "wide_resnet50_2", 8, 1, 1),  # one warm-up: OpenVINO repacks its weights at the first inference
 ]
 MODE_NAMES = {"infer": "eager fp32", "infer-channels-last": "eager channels-last",
               "infer-legacy": "eager official-style", "onnx": "ONNX Runtime", "openvino": "OpenVINO fp32",
@@ -385,11 +386,12 @@ def int8_accuracy_main(args) -> None:
                    "threads": args.threads, "image_size": list(size), "rows": rows}, "realnet_int8_accuracy.json")
 
 
-def deploy_output_name(threads: int, backbones: list[str] | None, modes: list[str] | None) -> str:
+def deploy_output_name(threads: int, backbones: list[str] | None, modes: list[str] | None,
+                       batches: list[str] | None = None) -> str:
     """``realnet_deploy_speed.json`` for the full one-thread run; other thread counts and subsets get
     their own file (``realnet_deploy_speed__2threads__wide_resnet50_2.json``) so no run overwrites another."""
     parts = [] if threads == 1 else [f"{threads}threads"]
-    parts += sorted(backbones or []) + sorted(modes or [])
+    parts += sorted(backbones or []) + sorted(modes or []) + [f"b{b}" for b in sorted(batches or [])]
     return "realnet_deploy_speed" + "".join(f"__{p}" for p in parts) + ".json"
 
 
@@ -409,7 +411,8 @@ def deploy_main(args) -> None:
     all_backbones = tuple(dict.fromkeys(b for _, b, *_ in DEPLOY_ROWS))
     backbones = _subset(args.backbones, all_backbones, "--backbones")
     modes = _subset(args.modes, DEPLOY_MODES, "--modes")
-    output_name = deploy_output_name(threads, backbones, modes)
+    batches = _subset(args.batches, tuple(dict.fromkeys(str(r[2]) for r in DEPLOY_ROWS)), "--batches")
+    output_name = deploy_output_name(threads, backbones, modes, batches)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     pin = ["taskset", "-c", str(args.cpu)] if threads == 1 and hasattr(os, "sched_setaffinity") else []
     exports = Path(__file__).resolve().parent / "out" / "exports"
@@ -420,7 +423,8 @@ def deploy_main(args) -> None:
                               env=env, check=False)
 
     for backbone in backbones or all_backbones:
-        rows = [r for r in DEPLOY_ROWS if r[1] == backbone and not (args.quick and backbone == "wide_resnet50_2" and r[2] == 8)]
+        rows = [r for r in DEPLOY_ROWS if r[1] == backbone and not (args.quick and backbone == "wide_resnet50_2" and r[2] == 8)
+                and (batches is None or str(r[2]) in batches)]
         for mode in modes or DEPLOY_MODES:
             if mode == "infer-legacy" and backbone not in LEGACY_BACKBONES:
                 continue
