@@ -11,6 +11,7 @@ pytest.importorskip("anomalib")
 from test_anomalib_engine import cpu_engine, toy_folder, write_toy_dataset
 
 from realnet.anomalib import RealNetModule
+from realnet.recipes import get_recipe
 from realnet.metrics import image_auroc, pixel_auroc
 from sia.errors import InputError
 
@@ -24,7 +25,8 @@ TINY = dict(
 def test_realnet_fits_tests_and_predicts_in_anomalibs_engine(tmp_path, monkeypatch):
     torch.manual_seed(0)
     root = write_toy_dataset(tmp_path / "data")
-    model = RealNetModule(source="cutpaste", category="none", seed=0, visualizer=False, **TINY)
+    standardised = get_recipe("fast").replace(standardize_features=True)  # fits statistics before AFS too
+    model = RealNetModule(source="cutpaste", category="none", seed=0, visualizer=False, recipe=standardised, **TINY)
     assert not model.network.afs_ready
     afs_calls = []
     select = model.network.select_features
@@ -34,7 +36,7 @@ def test_realnet_fits_tests_and_predicts_in_anomalibs_engine(tmp_path, monkeypat
     engine, datamodule = cpu_engine(tmp_path, steps=5), toy_folder(root)  # 8 images, batch 4: 3 epochs
     engine.fit(model, datamodule=datamodule)
     assert afs_calls == [1] and model.network.afs_ready  # once, at the start of fitting
-    assert model.network.feature_statistics_ready  # the fast recipe standardises features
+    assert model.network.feature_statistics_ready  # fitted once, on the normal training images
     assert any(not torch.equal(trainable[k], v) for k, v in model.network.recon.state_dict().items())
 
     (metrics,) = engine.test(model, datamodule=datamodule)

@@ -107,7 +107,7 @@ def test_both_recipes_train_end_to_end(data_root, tmp_path, recipe):
     assert thresholds["calibration_images"] == 3 and "held-out" in thresholds["calibrated_on"]
     model = RealNet.from_pretrained(str(model_dir))
     assert model.afs_ready
-    assert model.standardize_features == (recipe == "fast") == model.feature_statistics_ready
+    assert not model.standardize_features and not model.feature_statistics_ready  # both recipes: raw features
     # the card states the licence inherited from MVTec AD, not the library's MIT default
     card = (model_dir / "README.md").read_text(encoding="utf-8")
     assert "license: cc-by-nc-sa-4.0" in card and "license: mit" not in card
@@ -140,7 +140,7 @@ def test_feature_statistics_come_from_normal_training_images_only(data_root, tmp
     monkeypatch.setattr(RealNet, "fit_feature_statistics", recording_fit)
     poisoned = poisoned_test_split(data_root, tmp_path / "data")
     opened_files.clear()  # from here on: what training opens
-    config = tiny_config(poisoned, tmp_path / "run", recipe="fast")
+    config = tiny_config(poisoned, tmp_path / "run", recipe="fast", recipe_overrides={"standardize_features": True})
     model_dir = train(config)
     _assert_only_training_images_were_read(opened_files, poisoned / "widget")
 
