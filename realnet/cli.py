@@ -155,7 +155,7 @@ def export_command(
     batch: Annotated[str, typer.Option("--batch", help="'dynamic' (any batch size) or a fixed number of images per run.")] = "dynamic",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the export with its runtime and keep it only if it matches the PyTorch model (maps within 1e-4).")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
-    precision: Annotated[str, typer.Option("--precision", help="'fp32', or 'int8' (OpenVINO only): post-training quantisation calibrated on --calibration-images; its accuracy cost is not checked, measure it.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="'fp32', 'int8' or 'int8-discriminator' (OpenVINO only): post-training quantisation calibrated on --calibration-images (int8: backbone and reconstruction U-Nets; int8-discriminator: also the discriminator, faster, larger pixel-AUROC cost); its accuracy cost is not checked, measure it.")] = "fp32",
     calibration_images: Annotated[Optional[Path], typer.Option("--calibration-images", help="Folder of normal images (e.g. the training images) to calibrate int8 on; at most 300 are used.")] = None,
 ) -> None:
     """Export the whole inference graph (normalisation to image score) for deployment without torch."""

@@ -202,7 +202,8 @@ def export_model(
         verify: run the export with its runtime and refuse it unless maps match the eager model
             within 1e-4 and image scores within 1e-5 (recorded in the manifest; an int8 graph's
             deviation is recorded, not refused).
-        precision: "fp32", or "int8" (OpenVINO only): post-training quantisation with NNCF,
+        precision: "fp32", or "int8" / "int8-discriminator" (OpenVINO only, see realnet.quantize):
+            post-training quantisation with NNCF,
             calibrated on `calibration_images` (a folder of normal images or an array
             (N, 3, H, W) in [0, 1]; at most 300 are used).
 
@@ -219,7 +220,7 @@ def export_model(
     net, thresholds, source = _load(model, "`model`")
     size = trained_size(net) if image_size is None else parse_image_size(image_size, "`image_size`")
     size = check_stride(size, model_stride(net), "`image_size`", "the model's backbone")  # a graph has one fixed size
-    calibration = load_calibration_images(calibration_images, size) if precision == "int8" else None
+    calibration = load_calibration_images(calibration_images, size) if precision != "fp32" else None
     graph = InferenceGraph(copy.deepcopy(net).float().cpu().eval()).eval()
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,7 @@ def export_model(
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
     try:
-        _write_graph(graph, building, fmt, size, fixed_batch, opset, calibration)
+        _write_graph(graph, building, fmt, size, fixed_batch, opset, calibration, precision)
         manifest = _manifest(net, fmt, sorted(p.name for p in building.iterdir()), size, fixed_batch, thresholds,
                              source, opset, precision, None if calibration is None else len(calibration))
         _write_json(building / MANIFEST_NAME, manifest)
@@ -245,9 +246,9 @@ def export_model(
 
 
 def _write_graph(graph: InferenceGraph, folder: Path, fmt: str, size: tuple[int, int], batch: int | None,
-                 opset: int, calibration=None) -> None:
+                 opset: int, calibration=None, precision: str = "fp32") -> None:
     """Trace the graph to ONNX in a scratch sub-folder, then write it into `folder` in format `fmt`
-    (an OpenVINO graph quantised to int8 on the `calibration` images when given)."""
+    (an OpenVINO graph quantised to ``precision`` on the `calibration` images when given)."""
     trace_folder = folder / "trace"
     trace_folder.mkdir()
     traced = trace_folder / ONNX_FILE
@@ -257,7 +258,7 @@ def _write_graph(graph: InferenceGraph, folder: Path, fmt: str, size: tuple[int,
     else:
         _write_openvino(traced, folder)
         if calibration is not None:
-            quantize_openvino_graph(folder / GRAPH_FILES["openvino"][0], calibration, INPUT_NAME, batch)
+            quantize_openvino_graph(folder / GRAPH_FILES["openvino"][0], calibration, INPUT_NAME, batch, precision)
     shutil.rmtree(trace_folder)
 
 

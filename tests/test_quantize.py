@@ -90,6 +90,26 @@ def test_only_backbone_and_reconstruction_unets_are_quantised(int8_dir):
     assert outside == []  # standardiser, AFS gather, residual, RRS, discriminator, softmax, image score: float
 
 
+def quantised_input_nodes(folder) -> set[str]:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(folder / "model.xml"))
+    return {target.get_node().get_friendly_name() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
+            for target in op.output(0).get_target_inputs()}
+
+
+def test_int8_discriminator_also_quantises_the_discriminator_but_not_the_map(model_dir, calibration_folder, tmp_path):
+    folder = export_model(model_dir, tmp_path / "export", format="openvino", precision="int8-discriminator",
+                          calibration_images=calibration_folder)
+    assert read_manifest(folder)["precision"] == "int8-discriminator"
+    names = quantised_input_nodes(folder)
+    assert any("/discriminator/decoder1/" in n for n in names) and any("/recon/unets." in n for n in names)
+    allowed = r"/(backbone|recon/unets\.\d+|discriminator/decoder[12])/"
+    assert sorted(n for n in names if not re.search(allowed, n)) == []  # last convolutions, softmax, score: float
+    out = ExportedRealNet(folder)(real_looking(2, size=SIZE, seed=4))
+    assert np.isfinite(out.anomaly_map).all() and out.anomaly_map.min() >= 0 and out.anomaly_map.max() <= 1
+
+
 def test_float_export_records_fp32(model_dir, tmp_path):
     folder = export_model(model_dir, tmp_path / "fp32", format="openvino")
     manifest = read_manifest(folder)
