@@ -126,8 +126,11 @@ def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed
         images, masks, labels = stack_split(build_unified_root(), "mvtec-ad", category, "test", size)
         per_category[category] = test_metrics(model, images, masks, labels)
         print(f"  {name} {category}: {per_category[category]}", flush=True)
+    from realnet.recipes import get_recipe
+
     return {"mode": mode, "categories": categories, "iterations": iterations, "batch_size": batch_size, "seed": seed,
-            "image_size": list(size), "metrics": per_category, "train_wall_seconds": wall}
+            "image_size": list(size), "recipe": get_recipe("fast").to_dict(), "metrics": per_category,
+            "train_wall_seconds": wall}
 
 
 def save(result: dict) -> None:

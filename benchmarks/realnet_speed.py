@@ -84,7 +84,8 @@ ARCHITECTURES = {  # benchmark name -> RealNet keyword arguments
     "resnet18": {"afs_channels": [64, 128, 256, 128]},
     "tf_efficientnet_lite0": {},
 }
-DEPLOY_MODES = ("infer", "infer-channels-last", "infer-legacy", "onnx", "openvino", "openvino-int8")
+DEPLOY_MODES = ("infer", "infer-channels-last", "infer-legacy", "onnx", "openvino", "openvino-int8",
+                "openvino-int8-discriminator")
 LEGACY_BACKBONES = ("wide_resnet50_2",)  # the same-run official-style yardstick is for the official architecture
 
 
@@ -108,14 +109,14 @@ def export_for_benchmark(backbone: str, fmt: str, folder: Path) -> None:
     from realnet.export import export_model
 
     torch.set_num_threads(1)
-    if fmt == "openvino-int8":  # speed does not depend on what calibrates it: smooth random images
+    if fmt.startswith("openvino-int8"):  # speed does not depend on what calibrates it: smooth random images
         import numpy as np
 
         ys, xs = np.meshgrid(np.linspace(0, 1, 256), np.linspace(0, 1, 256), indexing="ij")
         rng = np.random.default_rng(0)
         calibration = np.stack([np.stack([ys * a, xs * b, (ys + xs) / 2]) for a, b in rng.uniform(0.3, 1, (16, 2))])
         export_model(benchmark_model(backbone), folder, format="openvino", image_size=256, verify=False, overwrite=True,
-                     precision="int8", calibration_images=calibration.astype(np.float32))
+                     precision=fmt.removeprefix("openvino-"), calibration_images=calibration.astype(np.float32))
         return
     export_model(benchmark_model(backbone), folder, format=fmt, image_size=256, verify=False, overwrite=True)
 
@@ -334,8 +335,8 @@ DEPLOY_ROWS = [
 ]
 MODE_NAMES = {"infer": "eager fp32", "infer-channels-last": "eager channels-last",
               "infer-legacy": "eager official-style", "onnx": "ONNX Runtime", "openvino": "OpenVINO fp32",
-              "openvino-int8": "OpenVINO int8"}
-EXPORTED_MODES = ("onnx", "openvino", "openvino-int8")
+              "openvino-int8": "OpenVINO int8", "openvino-int8-discriminator": "OpenVINO int8 + discriminator"}
+EXPORTED_MODES = ("onnx", "openvino", "openvino-int8", "openvino-int8-discriminator")
 
 
 def int8_accuracy_main(args) -> None:
@@ -352,10 +353,10 @@ def int8_accuracy_main(args) -> None:
     exports = Path(__file__).resolve().parent / "out" / "exports"
     rows = []
     size = None
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", "int8-discriminator"):
         folder = exports / f"accuracy-{precision}"
         calibration = None
-        if precision == "int8":
+        if precision != "fp32":
             train = load_split(args.data, dataset=args.dataset, split="train", image_size=size)
             calibration = np.stack([train[i]["image"].numpy() for i in range(min(len(train), 300))])
         started = time.perf_counter()
