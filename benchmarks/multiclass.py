@@ -111,6 +111,7 @@ def run_name(mode: str, categories: list[str], iterations: int, seed: int, size:
 def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed: int, size: tuple[int, int]) -> dict:
     """Train one model on ``categories`` and score it on each category's test split."""
     from realnet.evaluation import load_model
+    from realnet.recipes import get_recipe
     from realnet.training import CHECKPOINT_DIR, train
 
     name = run_name(mode, categories, iterations, seed, size)
@@ -126,8 +127,6 @@ def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed
         images, masks, labels = stack_split(build_unified_root(), "mvtec-ad", category, "test", size)
         per_category[category] = test_metrics(model, images, masks, labels)
         print(f"  {name} {category}: {per_category[category]}", flush=True)
-    from realnet.recipes import get_recipe
-
     return {"mode": mode, "categories": categories, "iterations": iterations, "batch_size": batch_size, "seed": seed,
             "image_size": list(size), "recipe": get_recipe("fast").to_dict(), "metrics": per_category,
             "train_wall_seconds": wall}
