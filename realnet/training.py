@@ -256,13 +256,14 @@ def planned_outputs(config: TrainingConfig) -> list[str]:
     return planned
 
 
-def _prepare_output(config: TrainingConfig) -> TrainingConfig:
-    """Refuse to clobber results; on resume, continue with the settings stored in the folder."""
+def _prepare_output(config: TrainingConfig) -> tuple[TrainingConfig, dict | None]:
+    """Refuse to clobber results; on resume, continue with the settings stored in the folder (and
+    return the recipe the run recorded, None for a new run)."""
     output = Path(config.output)
     stored = open_run_folder(output, RUN_LAYOUT, resume=config.resume, overwrite=config.overwrite, inputs=[config.data])
     if stored is None:
         check_unrecorded_outputs(output, planned_outputs(config))
-        return config
+        return config, None
     if stored.get("status") == "finished":
         raise InputError(f"`output` {output}: this run already finished; pass `overwrite=True` to train again")
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
@@ -272,16 +273,31 @@ def _prepare_output(config: TrainingConfig) -> TrainingConfig:
     settings = {k: v for k, v in settings.items() if k in known}
     settings.update(resume=True, overwrite=False, progress=config.progress, output=str(output))
     try:
-        return TrainingConfig(**settings)
+        resumed = TrainingConfig(**settings)
     except TypeError as err:
         raise InputError(f"{output / RUN_CONFIG}: unusable training settings ({err})") from None
+    recorded = stored.get("recipe")
+    return resumed, recorded if isinstance(recorded, dict) else None
+
+
+def _recorded_recipe(config: TrainingConfig, recorded: dict) -> Recipe:
+    """The recipe a resumed run started with, field by field: a later change of the named recipe's
+    defaults must not switch a run half-way. Fields added since it started take their defaults."""
+    _validate_config(config)
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    try:
+        return Recipe(**{k: v for k, v in recorded.items() if k in known})
+    except TypeError as err:
+        raise InputError(f"{Path(config.output) / RUN_CONFIG}: unusable recorded recipe ({err})") from None
 
 
 def _open_run(config: TrainingConfig) -> tuple[TrainingConfig, Recipe]:
-    """The run's settings (the stored ones on resume) and recipe, all checked before anything is written."""
+    """The run's settings and recipe (the recorded ones on resume), all checked before anything is written."""
     if not config.resume:
         _resolve_recipe(config)  # bad settings fail before --overwrite deletes anything
-    config = _prepare_output(config)
+    config, recorded = _prepare_output(config)
+    if recorded is not None:
+        return config, _recorded_recipe(config, recorded)
     return config, _resolve_recipe(config)
 
 

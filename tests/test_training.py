@@ -266,6 +266,60 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
 
 
+def test_resume_continues_with_the_recipe_the_run_recorded(data_root, tmp_path, reset_accelerate):
+    """A run started under other defaults of its named recipe (or before a field existed) resumes
+    with the recipe it recorded, not with today's defaults of that name."""
+    def stop_at_three(model, iteration):
+        if iteration == 3:
+            raise _Interrupt()
+        return {}
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        train(tiny_config(data_root, out, iterations=5, checkpoint_every=2), evaluate=stop_at_three, evaluate_every=1)
+    record = json.loads((out / "config.json").read_text())
+    assert record["recipe"]["reconstruction_weight"] == 1.0 and record["recipe"]["mask_shape"] == "perlin"
+    record["recipe"]["reconstruction_weight"] = 0.0  # as if "fast" had had another default when the run began
+    del record["recipe"]["mask_shape"]  # and as if the field had not existed yet
+    record["recipe"]["a_field_since_removed"] = 1
+    (out / "config.json").write_text(json.dumps(record))
+
+    reset_accelerate()
+    train(tiny_config(data_root, out, iterations=5, checkpoint_every=2, resume=True))
+    finished = json.loads((out / "config.json").read_text())
+    assert finished["status"] == "finished"
+    assert finished["recipe"]["reconstruction_weight"] == 0.0 and finished["recipe"]["mask_shape"] == "perlin"
+    assert "a_field_since_removed" not in finished["recipe"]
+    steps = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = {r["iteration"]: r for r in steps if "loss" in r}
+    assert all(steps[i]["loss"] > steps[i]["segmentation"] for i in (1, 2))  # before: both terms
+    for i in (3, 4, 5):  # after the resume: the recorded weight, not today's default of 1
+        assert steps[i]["reconstruction"] > 0 and steps[i]["loss"] == pytest.approx(steps[i]["segmentation"])
+
+
+def test_resume_refuses_a_recorded_recipe_it_cannot_use(data_root, tmp_path, reset_accelerate):
+    def stop_at_three(model, iteration):
+        if iteration == 3:
+            raise _Interrupt()
+        return {}
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        train(tiny_config(data_root, out, iterations=5, checkpoint_every=2), evaluate=stop_at_three, evaluate_every=1)
+    record = json.loads((out / "config.json").read_text())
+    record["recipe"]["optimizer"] = "sgd"
+    (out / "config.json").write_text(json.dumps(record))
+    reset_accelerate()
+    with pytest.raises(InputError, match="optimizer 'sgd'") as info:
+        train(tiny_config(data_root, out, iterations=5, checkpoint_every=2, resume=True))
+    assert "\n" not in str(info.value)
+    del record["recipe"]["name"]
+    (out / "config.json").write_text(json.dumps(record))
+    reset_accelerate()
+    with pytest.raises(InputError, match="unusable recorded recipe"):
+        train(tiny_config(data_root, out, iterations=5, checkpoint_every=2, resume=True))
+
+
 def test_overwrite_deletes_only_what_the_run_recorded_writing(data_root, tmp_path, reset_accelerate):
     out = tmp_path / "run"
     train(tiny_config(data_root, out, iterations=3, checkpoint_every=2))
