@@ -44,6 +44,7 @@ from recipe import (  # noqa: E402 - the benchmark's shared protocol
     SHARED,
     image_size_argument,
     lite0_weights,
+    parse_recipe_spec,
     reset_accelerate,
     seed_list,
     stack_split,
@@ -92,33 +93,37 @@ def build_unified_root(root: Path = UNIFIED_ROOT) -> Path:
 
 
 def training_config(categories: list[str], iterations: int, batch_size: int, output: Path, seed: int,
-                    size: tuple[int, int]):
+                    size: tuple[int, int], recipe: str = "fast"):
     from realnet.training import TrainingConfig
 
+    recipe_name, overrides = parse_recipe_spec(recipe)
     return TrainingConfig(
         data=str(build_unified_root()), output=str(output), source=f"dtd:{SHARED / 'dtd' / 'images'}",
-        dataset="mvtec-ad", categories=categories, foreground=None, recipe="fast", backbone=BACKBONE,
+        dataset="mvtec-ad", categories=categories, foreground=None, recipe=recipe_name,
+        recipe_overrides=overrides, backbone=BACKBONE,
         backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False}, image_size=size,
         iterations=iterations, batch_size=batch_size, seed=seed, afs_batches=16, validation_fraction=0.15,
         checkpoint_every=50, progress=False, cpu=True, log_every=10, resume=(output / "config.json").is_file(),
     )
 
 
-def run_name(mode: str, categories: list[str], iterations: int, seed: int, size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}__{mode}__{'+'.join(categories)}__{iterations}it__seed{seed}"
+def run_name(mode: str, categories: list[str], iterations: int, seed: int, size: tuple[int, int],
+             recipe: str = "fast") -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe)
+    return f"{size[0]}x{size[1]}__{safe}__{mode}__{'+'.join(categories)}__{iterations}it__seed{seed}"
 
 
-def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed: int, size: tuple[int, int]) -> dict:
+def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed: int, size: tuple[int, int],
+        recipe: str = "fast") -> dict:
     """Train one model on ``categories`` and score it on each category's test split."""
     from realnet.evaluation import load_model
-    from realnet.recipes import get_recipe
     from realnet.training import CHECKPOINT_DIR, train
 
-    name = run_name(mode, categories, iterations, seed, size)
+    name = run_name(mode, categories, iterations, seed, size, recipe)
     output = OUT / "multiclass_work" / name
     reset_accelerate()
     started = time.perf_counter()
-    model_dir = train(training_config(categories, iterations, batch_size, output, seed, size))
+    model_dir = train(training_config(categories, iterations, batch_size, output, seed, size, recipe))
     wall = time.perf_counter() - started
     shutil.rmtree(output / CHECKPOINT_DIR, ignore_errors=True)  # resumable states: GBs, only useful mid-run
     model = load_model(model_dir)
@@ -128,14 +133,15 @@ def run(mode: str, categories: list[str], iterations: int, batch_size: int, seed
         per_category[category] = test_metrics(model, images, masks, labels)
         print(f"  {name} {category}: {per_category[category]}", flush=True)
     return {"mode": mode, "categories": categories, "iterations": iterations, "batch_size": batch_size, "seed": seed,
-            "image_size": list(size), "recipe": get_recipe("fast").to_dict(), "metrics": per_category,
+            "image_size": list(size), "recipe_spec": recipe,
+            "recipe": json.loads((output / "config.json").read_text())["recipe"], "metrics": per_category,
             "train_wall_seconds": wall}
 
 
 def save(result: dict) -> None:
     RUNS.mkdir(parents=True, exist_ok=True)
     path = RUNS / (run_name(result["mode"], result["categories"], result["iterations"], result["seed"],
-                            tuple(result["image_size"])) + ".json")
+                            tuple(result["image_size"]), result["recipe_spec"]) + ".json")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
@@ -145,12 +151,13 @@ def comparison(runs: list[dict]) -> list[dict]:
     """Per (size, per-class budget, category): per-class and unified metrics (mean ± sd over seeds) and
     their difference, taken over the seeds both modes have."""
     rows = []
-    keys = sorted({(tuple(r["image_size"]), r["iterations"] // (len(r["categories"])), c)
+    keys = sorted({(r["recipe_spec"], tuple(r["image_size"]), r["iterations"] // (len(r["categories"])), c)
                    for r in runs for c in r["categories"]})
-    for size, budget, category in keys:
+    for recipe, size, budget, category in keys:
         def values(mode):
             found = {r["seed"]: r["metrics"][category] for r in runs if r["mode"] == mode and tuple(r["image_size"]) == size
-                     and r["iterations"] // len(r["categories"]) == budget and category in r["categories"]}
+                     and r["recipe_spec"] == recipe and r["iterations"] // len(r["categories"]) == budget
+                     and category in r["categories"]}
             return found
 
         single, unified = values("per-class"), values("unified")
@@ -160,7 +167,7 @@ def comparison(runs: list[dict]) -> list[dict]:
         a = np.array([[single[s][k] for k in METRICS] for s in seeds])
         b = np.array([[unified[s][k] for k in METRICS] for s in seeds])
         sd = (lambda x: x.std(axis=0, ddof=1).tolist()) if len(seeds) > 1 else (lambda x: [None] * len(METRICS))
-        rows.append({"image_size": list(size), "per_class_iterations": budget, "category": category, "seeds": seeds,
+        rows.append({"recipe": recipe, "image_size": list(size), "per_class_iterations": budget, "category": category, "seeds": seeds,
                      "per_class": dict(zip(METRICS, a.mean(axis=0).tolist())), "per_class_sd": dict(zip(METRICS, sd(a))),
                      "unified": dict(zip(METRICS, b.mean(axis=0).tolist())), "unified_sd": dict(zip(METRICS, sd(b))),
                      "change": dict(zip(METRICS, (b - a).mean(axis=0).tolist()))})
@@ -171,8 +178,8 @@ def markdown(rows: list[dict]) -> str:
     def cell(mean, sd):
         return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
-    lines = ["| size | iterations (per class / unified) | data | seeds | mode | image AUROC | pixel AUROC | PRO |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | size | iterations (per class / unified) | data | seeds | mode | image AUROC | pixel AUROC | PRO |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = f"{r['image_size'][0]}x{r['image_size'][1]}"
         budget = f"{r['per_class_iterations']} / {2 * r['per_class_iterations']}"
@@ -181,7 +188,7 @@ def markdown(rows: list[dict]) -> str:
             cells = [cell(r[key][k], r[f"{key}_sd"][k]) for k in METRICS]
             if mode == "unified":
                 cells = [f"{c} ({r['change'][k]:+.3f})" for c, k in zip(cells, METRICS)]
-            lines.append(f"| {size} | {budget} | {CATEGORIES[r['category']]} | {seeds} | {mode} | " + " | ".join(cells) + " |")
+            lines.append(f"| `{r['recipe']}` | {size} | {budget} | {CATEGORIES[r['category']]} | {seeds} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -200,6 +207,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seeds", type=seed_list, default=[100])
     parser.add_argument("--image-size", type=image_size_argument, default=(256, 128), help="N or HxW for both sets")
+    parser.add_argument("--recipe", default="fast",
+                        help="recipe name with optional field overrides, as in recipe.py: 'fast:mask_shape=mixed'")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only gather finished runs")
     args = parser.parse_args()
@@ -211,12 +220,12 @@ def main() -> None:
             plan = [("per-class", [c], args.iterations) for c in categories]
             plan.append(("unified", categories, 2 * args.iterations))
             for mode, chosen, iterations in plan:
-                path = RUNS / (run_name(mode, chosen, iterations, seed, args.image_size) + ".json")
+                path = RUNS / (run_name(mode, chosen, iterations, seed, args.image_size, args.recipe) + ".json")
                 if path.is_file():
                     print(f"{path.stem}: already measured, skipped")
                     continue
                 print(f"{path.stem} ...", flush=True)
-                save(run(mode, chosen, iterations, args.batch_size, seed, args.image_size))
+                save(run(mode, chosen, iterations, args.batch_size, seed, args.image_size, args.recipe))
     report()
 
 
