@@ -96,12 +96,12 @@ def training_config(categories: list[str], iterations: int, batch_size: int, out
                     size: tuple[int, int], recipe: str = "fast"):
     from realnet.training import TrainingConfig
 
-    recipe_name, overrides = parse_recipe_spec(recipe)
+    recipe_name, overrides, model = parse_recipe_spec(recipe)
     return TrainingConfig(
         data=str(build_unified_root()), output=str(output), source=f"dtd:{SHARED / 'dtd' / 'images'}",
         dataset="mvtec-ad", categories=categories, foreground=None, recipe=recipe_name,
         recipe_overrides=overrides, backbone=BACKBONE,
-        backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False}, image_size=size,
+        backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False, **model}, image_size=size,
         iterations=iterations, batch_size=batch_size, seed=seed, afs_batches=16, validation_fraction=0.15,
         checkpoint_every=50, progress=False, cpu=True, log_every=10, resume=(output / "config.json").is_file(),
     )

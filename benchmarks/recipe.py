@@ -22,6 +22,7 @@ its model and test maps in ``benchmarks/out/recipe_work/`` but not its resumable
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --data kolektorsdd --image-size 256 --recipes patchcore,fast
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes fast,fast-no-ema,fast-no-grad-clip
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes "fast:segmentation_loss=focal"
+    OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 400 --recipes "fast:model.layers=[1,2,3]"
     OMP_NUM_THREADS=1 python benchmarks/recipe.py --iterations 200 --seeds 101,102 --recipes fast,fast-no-ema
     python benchmarks/recipe.py --report
 """
@@ -97,12 +98,27 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def parse_recipe_spec(spec: str) -> tuple[str, dict]:
-    """``"fast"`` or ``"fast:segmentation_loss=focal,ema_decay=null"`` -> (recipe name, field overrides)."""
+def _split_options(text: str) -> list[str]:
+    """Split ``a=1,b=[1,2]`` at the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item]
+
+
+def parse_recipe_spec(spec: str) -> tuple[str, dict, dict]:
+    """``"fast"``, ``"fast:segmentation_loss=focal,ema_decay=null"`` or ``"fast:model.layers=[1,2,3]"``
+    -> (recipe name, recipe field overrides, RealNet model settings, the ``model.`` ones)."""
     from realnet.training import parse_key_values
 
     name, _, options = spec.partition(":")
-    return name, parse_key_values([o for o in options.split(",") if o], "recipe spec")
+    values = parse_key_values(_split_options(options), "recipe spec")
+    model = {k.removeprefix("model."): v for k, v in values.items() if k.startswith("model.")}
+    return name, {k: v for k, v in values.items() if not k.startswith("model.")}, model
 
 
 def training_config(name: str, recipe: str, iterations: int, batch_size: int, output: Path, seed: int,
@@ -110,12 +126,12 @@ def training_config(name: str, recipe: str, iterations: int, batch_size: int, ou
     from realnet.training import TrainingConfig
 
     root, layout, category, foreground = DATASETS[name]
-    recipe_name, overrides = parse_recipe_spec(recipe)
+    recipe_name, overrides, model = parse_recipe_spec(recipe)
     return TrainingConfig(
         data=str(root), output=str(output), source=f"dtd:{SHARED / 'dtd' / 'images'}", dataset=layout,
         categories=[category] if category else [], foreground=foreground, recipe=recipe_name,
         recipe_overrides=overrides, backbone=BACKBONE,
-        backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False}, image_size=size,
+        backbone_weights=lite0_weights(), model_kwargs={"backbone_pretrained": False, **model}, image_size=size,
         iterations=iterations, batch_size=batch_size, seed=seed, afs_batches=16, validation_fraction=0.15,
         checkpoint_every=50, progress=False, cpu=True, log_every=10, resume=(output / "config.json").is_file(),
     )
@@ -458,7 +474,8 @@ def main() -> None:
     parser.add_argument("--data", default="hazelnut_toy,kolektorsdd", help="comma-separated: hazelnut_toy, kolektorsdd")
     parser.add_argument("--recipes", default="patchcore,padim,fast,paper",
                         help="semicolon- or comma-separated recipe names (and patchcore, padim); a recipe may carry field "
-                             "overrides: 'fast:segmentation_loss=focal,ema_decay=null' (then separate recipes with ';')")
+                             "overrides: 'fast:segmentation_loss=focal,ema_decay=null', and RealNet settings with a 'model.' prefix: "
+                             "'fast:model.layers=[1,2,3]' (then separate recipes with ';')")
     parser.add_argument("--iterations", type=int, default=1200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
