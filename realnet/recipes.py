@@ -51,6 +51,8 @@ class Recipe:
     balanced_batches: bool = False
     nonempty_masks: bool = False
     mask_shape: str = "perlin"  # "cracks"/"mixed": thin crack masks, for thin defects (sia.perlin.MASK_SHAPES)
+    # multi-class runs: batches take the categories in turn, not in proportion to their image counts
+    balance_categories: bool = False
     # batching
     batch_size: int = 16
 
@@ -64,6 +66,8 @@ class Recipe:
             raise InputError(
                 f"recipe {self.name}: segmentation_loss {self.segmentation_loss!r}; known: {', '.join(SEGMENTATION_LOSSES)}"
             )
+        if self.balance_categories and not self.balanced_batches:
+            raise InputError(f"recipe {self.name}: balance_categories needs balanced_batches=true")
         if self.mask_shape not in MASK_SHAPES:
             raise InputError(f"recipe {self.name}: mask_shape {self.mask_shape!r}; expected one of {', '.join(MASK_SHAPES)}")
         if not 0.0 <= self.anomaly_probability <= 1.0:
@@ -146,7 +150,7 @@ _FIELD_KINDS: dict[str, str] = {
     "warmup_fraction": "float", "min_lr_ratio": "float", "grad_clip_norm": "float?", "ema_decay": "float?",
     "standardize_features": "bool", "rrs_bn_momentum": "float?", "focal_gamma": "float", "segmentation_weight": "float",
     "reconstruction_weight": "float", "anomaly_probability": "float", "balanced_batches": "bool",
-    "nonempty_masks": "bool", "mask_shape": "str", "batch_size": "int",
+    "nonempty_masks": "bool", "mask_shape": "str", "balance_categories": "bool", "batch_size": "int",
 }
 
 PAPER = Recipe(

@@ -399,7 +399,8 @@ def _training_loader(categories: list[CategoryData], recipe: Recipe, config: Tra
     """The sharded loader of the synthetic-anomaly training set and everything whose epoch it sets."""
     dataset, epoch_parts, balanced_size = build_training_dataset(categories, recipe, config.seed)
     if balanced_size is not None:
-        batch_sampler = BalancedBatchSampler(balanced_size, recipe.batch_size, config.seed)
+        groups = [len(c.train) for c in categories] if recipe.balance_categories else None
+        batch_sampler = BalancedBatchSampler(balanced_size, recipe.batch_size, config.seed, groups)
     else:
         batch_sampler = EpochBatchSampler(len(dataset), recipe.batch_size, config.seed)
     loader = DataLoader(dataset, batch_sampler=batch_sampler, num_workers=config.num_workers, collate_fn=collate)

@@ -132,6 +132,31 @@ def test_balanced_batches_are_half_anomalous_and_reproducible():
     assert list(sampler) != batches
 
 
+def test_balanced_categories_train_a_small_category_as_often_as_a_large_one():
+    groups = [3, 9]  # category 0: normal items 0-2 (anomalous 12-14); category 1: 3-11 (15-23)
+    sampler = BalancedBatchSampler(size=12, batch_size=8, seed=5, groups=groups)
+    picks = [i for epoch in range(4) for i in (sampler.set_epoch(epoch) or [j for b in sampler for j in b])]
+    normal = [i for i in picks if i < 12]
+    anomalous = [i - 12 for i in picks if i >= 12]
+    for half in (normal, anomalous):
+        small = sum(i < 3 for i in half)
+        assert small == len(half) // 2  # in proportion to the sizes this would be a quarter
+        assert set(half) == set(range(12))  # every image of both categories is still drawn
+    for batch in BalancedBatchSampler(12, 8, 5, groups):  # each batch: two of each category in each half
+        assert sum(i < 3 for i in batch) == 2 and sum(12 <= i < 15 for i in batch) == 2
+    assert list(BalancedBatchSampler(12, 8, 5, groups)) == list(BalancedBatchSampler(12, 8, 5, groups))
+    # one category: exactly the unbalanced batches
+    assert list(BalancedBatchSampler(12, 8, 5, [12])) == list(BalancedBatchSampler(12, 8, 5))
+    with pytest.raises(InputError, match="groups: expected positive category sizes summing to 12"):
+        BalancedBatchSampler(12, 8, 5, [3, 8])
+
+
+def test_balance_categories_needs_balanced_batches():
+    assert FAST.replace(balance_categories=True).balance_categories
+    with pytest.raises(InputError, match="balance_categories needs balanced_batches=true"):
+        PAPER.replace(balance_categories=True)
+
+
 def test_epoch_batches_cover_every_item_once_and_keep_the_last_partial_batch():
     sampler = EpochBatchSampler(size=11, batch_size=4, seed=0)
     batches = list(sampler)

@@ -390,6 +390,27 @@ def test_unified_training_on_several_categories(tmp_path):
     assert thresholds["calibration_images"] == 4  # 2 held out per category
 
 
+def test_balance_categories_gives_the_sampler_each_category_size(tmp_path, monkeypatch):
+    import realnet.training as training
+
+    root = tmp_path / "data"
+    make_dataset(root / "alpha", n_train=4, n_good=1, n_bad=1, seed=1)
+    make_dataset(root / "beta", n_train=12, n_good=1, n_bad=1, seed=2)
+    built = []
+
+    class Spy(training.BalancedBatchSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(training, "BalancedBatchSampler", Spy)
+    train(tiny_config(root, tmp_path / "run", categories=["alpha", "beta"], iterations=2,
+                      recipe_overrides={"balance_categories": True}))
+    assert [s.groups for s in built] == [[2, 9]]  # the training images left after the validation hold-out
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
+    assert recorded["balance_categories"] is True
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
