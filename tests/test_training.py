@@ -266,18 +266,23 @@ def test_resume_after_interruption_continues_to_the_same_weights(data_root, tmp_
     assert (resumed / "model.safetensors").is_file() and (tmp_path / "resumed" / "checkpoints").is_dir()
 
 
-def test_resume_continues_with_the_recipe_the_run_recorded(data_root, tmp_path, reset_accelerate):
-    """A run started under other defaults of its named recipe (or before a field existed) resumes
-    with the recipe it recorded, not with today's defaults of that name."""
+def _interrupt_at_three(data_root: Path, out: Path) -> dict:
+    """A 5-iteration run killed after iteration 3 (last checkpoint: 2); its config.json record."""
     def stop_at_three(model, iteration):
         if iteration == 3:
             raise _Interrupt()
         return {}
 
-    out = tmp_path / "run"
     with pytest.raises(_Interrupt):
         train(tiny_config(data_root, out, iterations=5, checkpoint_every=2), evaluate=stop_at_three, evaluate_every=1)
-    record = json.loads((out / "config.json").read_text())
+    return json.loads((out / "config.json").read_text())
+
+
+def test_resume_continues_with_the_recipe_the_run_recorded(data_root, tmp_path, reset_accelerate):
+    """A run started under other defaults of its named recipe (or before a field existed) resumes
+    with the recipe it recorded, not with today's defaults of that name."""
+    out = tmp_path / "run"
+    record = _interrupt_at_three(data_root, out)
     assert record["recipe"]["reconstruction_weight"] == 1.0 and record["recipe"]["mask_shape"] == "perlin"
     record["recipe"]["reconstruction_weight"] = 0.0  # as if "fast" had had another default when the run began
     del record["recipe"]["mask_shape"]  # and as if the field had not existed yet
@@ -298,15 +303,8 @@ def test_resume_continues_with_the_recipe_the_run_recorded(data_root, tmp_path, 
 
 
 def test_resume_refuses_a_recorded_recipe_it_cannot_use(data_root, tmp_path, reset_accelerate):
-    def stop_at_three(model, iteration):
-        if iteration == 3:
-            raise _Interrupt()
-        return {}
-
     out = tmp_path / "run"
-    with pytest.raises(_Interrupt):
-        train(tiny_config(data_root, out, iterations=5, checkpoint_every=2), evaluate=stop_at_three, evaluate_every=1)
-    record = json.loads((out / "config.json").read_text())
+    record = _interrupt_at_three(data_root, out)
     record["recipe"]["optimizer"] = "sgd"
     (out / "config.json").write_text(json.dumps(record))
     reset_accelerate()
