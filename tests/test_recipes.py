@@ -152,7 +152,8 @@ def test_balanced_categories_train_a_small_category_as_often_as_a_large_one():
 
 
 def test_balance_categories_needs_balanced_batches():
-    assert FAST.replace(balance_categories=True).balance_categories
+    assert FAST.balance_categories and not get_recipe("fast-no-balance-categories").balance_categories
+    assert not get_recipe("fast-no-balanced-batches").balance_categories  # its batches are not balanced at all
     with pytest.raises(InputError, match="balance_categories needs balanced_batches=true"):
         PAPER.replace(balance_categories=True)
 

@@ -402,11 +402,13 @@ def test_balance_categories_gives_the_sampler_each_category_size(tmp_path, monke
             built.append(self)
 
     monkeypatch.setattr(training, "BalancedBatchSampler", Spy)
-    train(tiny_config(root, tmp_path / "run", categories=["alpha", "beta"], iterations=2,
-                      recipe_overrides={"balance_categories": True}))
+    train(tiny_config(root, tmp_path / "run", categories=["alpha", "beta"], iterations=2))  # fast: on by default
     assert [s.groups for s in built] == [[2, 9]]  # the training images left after the validation hold-out
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
     assert recorded["balance_categories"] is True
+    train(tiny_config(root, tmp_path / "off", categories=["alpha", "beta"], iterations=1,
+                      recipe_overrides={"balance_categories": False}))
+    assert built[-1].groups is None
 
 
 @pytest.mark.parametrize(
